@@ -1,0 +1,208 @@
+"""Panopticon's spectral patch embedding (`PanopticonPE`).
+
+Every channel's P x P patch is projected to `attn_dim` by the same linear map (a 1 x P x P Conv3d), its channel
+embedding is added, and a single learned query cross-attends over the channels of each patch (keys/values are
+linear projections, no query/output projection); the result is projected to the ViT width. The output does not
+depend on channel order, and masked (padded) channels are ignored.
+
+Two computations of the same function share one set of parameters and the published state-dict names:
+- ``impl='reference'`` follows the published computation literally: it forms key and value vectors for every
+  channel token (O(C * attn_dim^2) per patch, C x L x attn_dim activations).
+- ``impl='fused'`` (default) uses that everything but the softmax is linear and the query is a parameter, so the
+  key projection folds into a per-head P*P filter and the value projection is applied after channel pooling
+  (see DESIGN.md, "The fast spectral patch embedding"). The folded products are formed in fp32, also under
+  autocast, and gradients flow to every original parameter.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .channel_embedding import ChnEmb, check_chn_ids
+
+IMPLS = ("fused", "reference")
+
+
+class Conv3dWrapper(nn.Module):
+    """The per-channel P x P patch projection: (B,C,H,W) -> (B,C,L,attn_dim) (reference path)."""
+
+    def __init__(self, attn_dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.conv3d = nn.Conv3d(1, attn_dim, kernel_size=(1, patch_size, patch_size),
+                                stride=(1, patch_size, patch_size))
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = self.conv3d(imgs.unsqueeze(1))  # (B, A, C, h, w)
+        return x.flatten(3).permute(0, 2, 3, 1)  # (B, C, L, A)
+
+
+class CrossAttnNoQueryProj(nn.Module):
+    """Multi-head cross-attention of given queries over keys/values; no query or output projection."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"attn_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.inproj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.inproj_v = nn.Linear(dim, dim, bias=qkv_bias)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None):
+        """q (N,1,A), kv (N,C,A), key_padding_mask (N,C) True = ignore -> (N,1,A)."""
+        N, C, A = kv.shape
+        H, d = self.num_heads, self.head_dim
+        k = self.inproj_k(kv).reshape(N, C, H, d).transpose(1, 2)
+        v = self.inproj_v(kv).reshape(N, C, H, d).transpose(1, 2)
+        qh = q.reshape(N, 1, H, d).transpose(1, 2)
+        mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=self.scale)
+        return out.transpose(1, 2).reshape(N, 1, A)
+
+
+class ChnAttn(nn.Module):
+    """Channel fusion: channel embedding + learned single query + cross-attention (+ optional LayerNorm)."""
+
+    def __init__(self, dim: int, layer_norm: bool = False, attn_cfg: Optional[Dict] = None,
+                 chnemb_cfg: Optional[Dict] = None) -> None:
+        super().__init__()
+        attn_cfg = dict(attn_cfg or {})
+        self.chnemb = ChnEmb(dim, **dict(chnemb_cfg or {}))
+        self.query = nn.Parameter(torch.randn(1, 1, dim))
+        self.xattn = CrossAttnNoQueryProj(dim, **attn_cfg)
+        self.layer_norm = nn.LayerNorm(dim) if layer_norm else None
+
+
+class PanopticonPE(nn.Module):
+    """Spectral patch embedding: x_dict -> (tokens (B, L, embed_dim), grid_h, grid_w)."""
+
+    def __init__(self, attn_dim: int, embed_dim: int, patch_size: int, chnfus_cfg: Optional[Dict] = None,
+                 impl: str = "fused") -> None:
+        super().__init__()
+        if attn_dim % 2 != 0:
+            raise ValueError(f"attn_dim must be even (sin-cos channel embedding), got {attn_dim}")
+        self.attn_dim = attn_dim
+        self.embed_dim = embed_dim
+        self.patch_size = int(patch_size)
+        self.impl = impl
+        self.conv3d = Conv3dWrapper(attn_dim, self.patch_size)
+        self.chnfus = ChnAttn(attn_dim, **dict(chnfus_cfg or {}))
+        self.proj = nn.Linear(attn_dim, embed_dim)
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if value not in IMPLS:
+            raise ValueError(f"PanopticonPE impl must be one of {IMPLS}, got {value!r}")
+        self._impl = value
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def _validate(self, x_dict) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        if not isinstance(x_dict, dict):
+            raise ValueError("PanopticonPE expects an x_dict with keys 'imgs', 'chn_ids' (and optional 'spec_masks')")
+        for key in ("imgs", "chn_ids"):
+            if key not in x_dict:
+                raise ValueError(f"x_dict is missing the key {key!r}")
+        imgs, chn_ids, masks = x_dict["imgs"], x_dict["chn_ids"], x_dict.get("spec_masks")
+        if not isinstance(imgs, torch.Tensor) or imgs.ndim != 4:
+            shape = tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__
+            raise ValueError(f"imgs must be a 4-D tensor (B, C, H, W), got {shape}")
+        B, C, H, W = imgs.shape
+        if H < self.patch_size or W < self.patch_size:
+            raise ValueError(f"image {H}x{W} is smaller than one {self.patch_size}x{self.patch_size} patch")
+        check_chn_ids(chn_ids, B, C)
+        if masks is not None:
+            if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != (B, C):
+                got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+                raise ValueError(f"spec_masks must have shape (B, C) = ({B}, {C}), got {got}")
+            masks = masks.to(device=imgs.device, dtype=torch.bool)
+            if bool(masks.all(dim=1).any()):
+                bad = torch.nonzero(masks.all(dim=1))[0].item()
+                raise ValueError(f"every channel of image {bad} is masked by spec_masks; nothing to embed")
+        return imgs, chn_ids.to(imgs.device), masks
+
+    def forward(self, x_dict) -> Tuple[torch.Tensor, int, int]:
+        imgs, chn_ids, masks = self._validate(x_dict)
+        h, w = imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
+        mu = chn_ids[..., 0] if chn_ids.ndim == 3 else chn_ids
+        sigma = chn_ids[..., 1] if chn_ids.ndim == 3 else None
+        if self.impl == "fused":
+            x = self._forward_fused(imgs, mu, sigma, masks, h, w)
+        else:
+            x = self._forward_reference(imgs, mu, sigma, masks)
+        return self.proj(x), h, w
+
+    # --------------------------------------------------------------------------------------------- reference
+    def _forward_reference(self, imgs, mu, sigma, masks) -> torch.Tensor:
+        B, C = imgs.shape[:2]
+        x = self.conv3d(imgs)  # (B, C, L, A)
+        L = x.shape[2]
+        emb = self.chnfus.chnemb(mu, sigma).to(x.dtype)  # (B, C, A)
+        x = (x + emb[:, :, None, :]).transpose(1, 2).reshape(B * L, C, self.attn_dim)
+        q = self.chnfus.query.to(x.dtype).expand(B * L, 1, self.attn_dim)
+        kpm = None if masks is None else masks[:, None, :].expand(B, L, C).reshape(B * L, C)
+        out = self.chnfus.xattn(q, x, key_padding_mask=kpm).reshape(B, L, self.attn_dim)
+        if self.chnfus.layer_norm is not None:
+            out = self.chnfus.layer_norm(out)
+        return out
+
+    # ------------------------------------------------------------------------------------------------- fused
+    def _channel_terms(self, mu: torch.Tensor, sigma: Optional[torch.Tensor], u: torch.Tensor, wv: torch.Tensor,
+                       bias: torch.Tensor):
+        """Per-channel logit offsets beta (B,C,H) and value offsets z (B,C,H,d), computed once per distinct id."""
+        ids = mu if sigma is None else torch.stack([mu, sigma], dim=-1)
+        flat = ids.reshape(-1, 1) if sigma is None else ids.reshape(-1, 2)
+        uniq, inverse = torch.unique(flat.float(), dim=0, return_inverse=True)
+        emb = self.chnfus.chnemb(uniq[:, 0], None if sigma is None else uniq[:, 1]).float()  # (U, A)
+        be = emb + bias  # conv bias + channel embedding
+        xattn = self.chnfus.xattn
+        beta = (be @ u.t()) * xattn.scale  # (U, H)
+        z = (be @ wv.t()).reshape(-1, xattn.num_heads, xattn.head_dim)  # (U, H, d)
+        shape = mu.shape
+        return beta[inverse].reshape(*shape, -1), z[inverse].reshape(*shape, xattn.num_heads, xattn.head_dim)
+
+    def _forward_fused(self, imgs, mu, sigma, masks, h, w) -> torch.Tensor:
+        B, C = imgs.shape[:2]
+        P, A = self.patch_size, self.attn_dim
+        xattn = self.chnfus.xattn
+        H, d = xattn.num_heads, xattn.head_dim
+        device_type = imgs.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            wc = self.conv3d.conv3d.weight.float().reshape(A, P * P)
+            bias = self.conv3d.conv3d.bias.float()
+            wk = xattn.inproj_k.weight.float()
+            wv = xattn.inproj_v.weight.float()
+            q = self.chnfus.query.float().reshape(H, d)
+            # u_h = Wk_h^T q_h (H, A); kappa_h = Wc^T u_h (H, P*P); M_h = Wv_h Wc (H, d, P*P)
+            u = torch.einsum("hd,hda->ha", q, wk.reshape(H, d, A))
+            kappa = (u @ wc) * xattn.scale
+            m = torch.einsum("hda,ap->hdp", wv.reshape(H, d, A), wc)
+            beta, z = self._channel_terms(mu, sigma, u, wv, bias)
+            if xattn.inproj_k.bias is not None:
+                beta = beta + (q * xattn.inproj_k.bias.float().reshape(H, d)).sum(-1) * xattn.scale
+            if xattn.inproj_v.bias is not None:
+                z = z + xattn.inproj_v.bias.float().reshape(H, d)
+
+            x = imgs[:, :, : h * P, : w * P].float()
+            patches = x.reshape(B, C, h, P, w, P).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C, P * P)
+            logits = torch.matmul(patches, kappa.t()).transpose(-1, -2)  # (B, L, H, C)
+            logits = logits + beta.transpose(1, 2)[:, None]  # beta (B, C, H) -> (B, 1, H, C)
+            if masks is not None:
+                logits = logits.masked_fill(masks[:, None, None, :], float("-inf"))
+            attn = logits.softmax(dim=-1)  # (B, L, H, C)
+            pooled = torch.matmul(attn, patches)  # (B, L, H, P*P)
+            out = torch.einsum("blhp,hdp->blhd", pooled, m)
+            # value offsets: sum_c a_hc z_hc
+            out = out + torch.einsum("blhc,bchd->blhd", attn, z)
+            out = out.reshape(B, h * w, A)
+            if self.chnfus.layer_norm is not None:
+                out = self.chnfus.layer_norm(out)
+        return out.to(imgs.dtype)
