@@ -200,3 +200,17 @@ def test_bad_input_raises_clear_errors(mutate, message):
 def test_unknown_impl_rejected():
     with pytest.raises(ValueError, match="impl"):
         PanopticonPE(16, 16, 4, impl="fast")
+
+
+def test_inference_cache_follows_weight_updates():
+    pe = make_pe()
+    x = xdict(C=5)
+    with torch.no_grad():
+        first = run(pe, x, "fused")
+        assert torch.equal(first, run(pe, x, "fused"))  # served from the cache
+        pe.chnfus.xattn.inproj_k.weight.mul_(3.0)  # in-place update bumps the version counter
+        pe.load_state_dict(pe.state_dict())
+        updated = run(pe, x, "fused")
+        reference = run(pe, x, "reference")
+    assert not torch.allclose(first, updated)
+    assert (updated - reference).abs().max() < 1e-4

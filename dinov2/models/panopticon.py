@@ -169,24 +169,40 @@ class PanopticonPE(nn.Module):
         shape = mu.shape
         return beta[inverse].reshape(*shape, -1), z[inverse].reshape(*shape, xattn.num_heads, xattn.head_dim)
 
+    def _folded_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u_h = Wk_h^T q_h (H, A); kappa_h = scale * Wc^T u_h (H, P*P); M_h = Wv_h Wc (H, d, P*P), in fp32.
+
+        Cached while no gradient is needed (inference); the cache key includes every parameter's version
+        counter, so optimizer steps and `load_state_dict` invalidate it.
+        """
+        xattn = self.chnfus.xattn
+        params = (self.conv3d.conv3d.weight, xattn.inproj_k.weight, xattn.inproj_v.weight, self.chnfus.query)
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        key = tuple((p.data_ptr(), p._version, p.device) for p in params)
+        cached = getattr(self, "_fold_cache", None)
+        if cacheable and cached is not None and cached[0] == key:
+            return cached[1]
+        H, d, A, P = xattn.num_heads, xattn.head_dim, self.attn_dim, self.patch_size
+        wc = self.conv3d.conv3d.weight.float().reshape(A, P * P)
+        q = self.chnfus.query.float().reshape(H, d)
+        u = torch.einsum("hd,hda->ha", q, xattn.inproj_k.weight.float().reshape(H, d, A))
+        kappa = (u @ wc) * xattn.scale
+        m = torch.einsum("hda,ap->hdp", xattn.inproj_v.weight.float().reshape(H, d, A), wc)
+        folded = (u, kappa, m)
+        self._fold_cache = (key, folded) if cacheable else None
+        return folded
+
     def _forward_fused(self, imgs, mu, sigma, masks, h, w) -> torch.Tensor:
         B, C = imgs.shape[:2]
         P, A = self.patch_size, self.attn_dim
         xattn = self.chnfus.xattn
         H, d = xattn.num_heads, xattn.head_dim
-        device_type = imgs.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            wc = self.conv3d.conv3d.weight.float().reshape(A, P * P)
+        with torch.autocast(device_type=imgs.device.type, enabled=False):
+            u, kappa, m = self._folded_weights()
             bias = self.conv3d.conv3d.bias.float()
-            wk = xattn.inproj_k.weight.float()
-            wv = xattn.inproj_v.weight.float()
-            q = self.chnfus.query.float().reshape(H, d)
-            # u_h = Wk_h^T q_h (H, A); kappa_h = Wc^T u_h (H, P*P); M_h = Wv_h Wc (H, d, P*P)
-            u = torch.einsum("hd,hda->ha", q, wk.reshape(H, d, A))
-            kappa = (u @ wc) * xattn.scale
-            m = torch.einsum("hda,ap->hdp", wv.reshape(H, d, A), wc)
-            beta, z = self._channel_terms(mu, sigma, u, wv, bias)
+            beta, z = self._channel_terms(mu, sigma, u, xattn.inproj_v.weight.float(), bias)
             if xattn.inproj_k.bias is not None:
+                q = self.chnfus.query.float().reshape(H, d)
                 beta = beta + (q * xattn.inproj_k.bias.float().reshape(H, d)).sum(-1) * xattn.scale
             if xattn.inproj_v.bias is not None:
                 z = z + xattn.inproj_v.bias.float().reshape(H, d)
