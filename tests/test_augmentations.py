@@ -82,6 +82,11 @@ def test_single_view_multi_resolution_sample_gives_two_globals():
         assert set(_real(crop)[1].tolist()) <= set(S2_10M + S2_20M + S2_60M)
     g0, g1 = out["global_crops"]
     assert not torch.equal(g0["chn_ids"], g1["chn_ids"]) or not torch.equal(g0["imgs"], g1["imgs"])
+    cube = hs_view(full_spectra=False)  # a single hyperspectral cube with the default (masking-only) modes
+    out = PanopticonAugmentation(color_jitter_args=NO_JITTER)([cube])
+    for crop in out["global_crops"]:
+        _check_crop(crop, 224, 13, (4, 13))
+        assert set(_real(crop)[1].tolist()) <= set(cube["chn_ids"][0].tolist())
 
 
 def test_determinism_given_seed():

@@ -121,7 +121,7 @@ class ChannelSimulator:
         if len({tuple(img.shape[-2:]) for img in imgs}) != 1:
             raise ValueError("channel simulation needs all groups of the view at one resolution, got "
                              f"{[tuple(img.shape) for img in imgs]}")
-        cube = torch.cat(imgs, dim=0)
+        cube = imgs[0] if len(imgs) == 1 else torch.cat(imgs, dim=0)  # avoid copying a large single cube
         cid = torch.cat([i.double() for i in ids], dim=0)
         if cid.dim() == 2:
             mu, sigma = cid[:, 0], cid[:, 1]
@@ -136,7 +136,7 @@ class ChannelSimulator:
                              f"{int(optical.sum())}")
         t_mu, t_sigma = self.sample_targets(float(mu.min()), float(mu.max()))
         w = srf_weights(mu, sigma, t_mu, t_sigma).to(torch.float32)
-        src = cube[optical].float()
+        src = (cube if bool(optical.all()) else cube[optical]).float()
         bands = (w @ src.reshape(src.shape[0], -1)).reshape(w.shape[0], *src.shape[1:])
         out = {k: v for k, v in view.items() if k not in ("imgs", "chn_ids")}
         out["imgs"] = [bands]
