@@ -118,6 +118,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--targets", nargs="+", default=["embedding", "model"], choices=["embedding", "model"])
+    p.add_argument("--json-out", default=None,
+                   help="where to store the rows (default benchmarks/results/pe_throughput_<device>.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -146,7 +148,12 @@ def main() -> None:
         rgb = run_case({**base, "target": "rgb_vit", "channels": 3, "impl": "fused"})
         print(f"{'rgb ViT-B/14 (DINOv2, plain PatchEmbed)':<44} {B:>3} img/s {rgb['ips']:.2f}", flush=True)
         rows.append({"target": "rgb_vit", "batch": B, **rgb})
-    print(json.dumps(rows))
+    out = args.json_out or os.path.join(ROOT, "benchmarks", "results", f"pe_throughput_{args.device}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    title = f"{args.device}, {args.dtype}, {args.size}x{args.size}, batch {','.join(map(str, args.batch_sizes))}"
+    with open(out, "w") as f:
+        json.dump({"title": title, "rows": rows}, f, indent=1)
+    print(f"rows written to {out}; plot with: python figs/make_figures.py --bench {out}")
 
 
 def _cuda() -> bool:
