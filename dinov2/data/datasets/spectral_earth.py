@@ -1,0 +1,149 @@
+"""SpectralEarthDataset: EnMAP hyperspectral patches (202 bands) for pretraining (reference §2.5).
+
+Layout: split lists `<root>/spectral_earth/splits/<task_dir>/<split>.txt` (one relative TIFF path per line),
+images under `<root>/spectral_earth/enmap/` (HWC TIFFs, 202 bands, 128x128). Normalisation: clamp to
+[0, 10000], divide by 10000, then per-band z-score. The published per-band constants are not part of this
+repository; the statistics are given as `band_stats={'mean': [...], 'std': [...]}` (or a JSON path) or computed
+robustly from a sample of training patches and cached in `<splits dir>/band_stats.json`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dinov2.data.io import FaultyFileLog, read_tiff_chw, require_path, resolve_root, with_retries
+from dinov2.data.normalize import BandNormalizer, robust_band_stats, to_float_tensor
+from dinov2.data.sensors import ds_chn_ids
+from dinov2.data.views import make_view
+
+logger = logging.getLogger("dinov2")
+RGB_IDX = [43, 28, 10]
+N_BANDS = 202
+SCALE = 10000.0
+
+
+class SpectralEarthDataset(Dataset):
+    """Single-view hyperspectral samples `[{'imgs': [(202,H,W)], 'chn_ids': [(202,)]}]`."""
+
+    def __init__(
+        self,
+        split: Optional[str] = None,
+        normalize: bool = True,
+        root: str = "${RDIR}/datasets",
+        task_dir: str = "enmap",
+        return_rgb: bool = False,
+        transform: Optional[Callable] = None,
+        faulty_imgs_file: Optional[str] = None,
+        full_spectra: bool = False,
+        build_dataset: bool = False,
+        return_chns_by_id: Optional[Sequence[int]] = None,
+        band_stats: Union[None, str, Dict[str, Sequence[float]]] = None,
+        stats_num_samples: int = 64,
+        max_tries_load_img: int = 3,
+    ):
+        split = "train" if split is None else split
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train/val/test, got {split!r}")
+        if task_dir != "enmap":
+            raise ValueError(f"task_dir {task_dir!r} is not supported by this pretraining reader; supported: 'enmap'")
+        if return_rgb and return_chns_by_id is not None:
+            raise ValueError("give either return_rgb or return_chns_by_id, not both")
+        self.root = resolve_root(root, "SpectralEarth root")
+        self.img_dir = os.path.join(self.root, "spectral_earth", "enmap")
+        self.split_dir = os.path.join(self.root, "spectral_earth", "splits", task_dir)
+        if build_dataset:
+            self.build_split_file(os.path.join(self.split_dir, "train.txt"))
+        self.split_file = require_path(os.path.join(self.split_dir, f"{split}.txt"), "SpectralEarth split list")
+        self.relpaths = self._read_list(self.split_file)
+        self.normalize, self.transform, self.max_tries = normalize, transform, max_tries_load_img
+        self.faulty = FaultyFileLog(faulty_imgs_file)
+        chn = ds_chn_ids("spectral_earth", full_spectra)
+        if len(chn) != N_BANDS:
+            raise ValueError(f"config spectral_earth lists {len(chn)} bands, expected {N_BANDS}")
+        self.chn_idx: Optional[List[int]] = RGB_IDX if return_rgb else (
+            list(return_chns_by_id) if return_chns_by_id is not None else None)
+        if self.chn_idx is not None and not all(-N_BANDS <= i < N_BANDS for i in self.chn_idx):
+            raise ValueError(f"channel indices {self.chn_idx} out of range for {N_BANDS} bands")
+        self.chn_ids = chn if self.chn_idx is None else chn[self.chn_idx]
+        self.norm: Optional[BandNormalizer] = None
+        if normalize:
+            self.norm = self._load_stats(band_stats, stats_num_samples)
+
+    @staticmethod
+    def _read_list(path: str) -> List[str]:
+        with open(path) as fh:
+            rels = [ln.strip() for ln in fh if ln.strip()]
+        if not rels:
+            raise ValueError(f"split list {path} is empty")
+        return rels
+
+    def build_split_file(self, out_path: str) -> None:
+        """Write every `*.tif` under the enmap folder (relative paths) to `out_path`."""
+        require_path(self.img_dir, "SpectralEarth enmap folder")
+        rels = sorted(os.path.relpath(os.path.join(d, f), self.img_dir)
+                      for d, _, fs in os.walk(self.img_dir) for f in fs if f.endswith(".tif"))
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        with open(out_path, "w") as fh:
+            fh.write("\n".join(rels) + "\n")
+
+    def _load_stats(self, band_stats, n_samples: int) -> BandNormalizer:
+        cache = os.path.join(self.split_dir, "band_stats.json")
+        if band_stats is None and os.path.exists(cache):
+            band_stats = cache
+        if isinstance(band_stats, str):
+            with open(band_stats) as fh:
+                band_stats = json.load(fh)
+        if band_stats is None:
+            band_stats = self._compute_stats(n_samples)
+            try:
+                with open(cache, "w") as fh:
+                    json.dump(band_stats, fh)
+            except OSError as e:
+                logger.warning("SpectralEarth: cannot cache band stats in %s: %s", cache, e)
+        norm = BandNormalizer(band_stats["mean"], band_stats["std"], "spectral_earth")
+        if len(norm) != N_BANDS:
+            raise ValueError(f"SpectralEarth band stats have {len(norm)} entries, expected {N_BANDS}")
+        return norm
+
+    def _compute_stats(self, n_samples: int) -> Dict[str, List[float]]:
+        """Robust per-band mean/std of scaled reflectance over evenly spaced training patches."""
+        train = os.path.join(self.split_dir, "train.txt")
+        rels = self._read_list(train) if os.path.exists(train) else self.relpaths
+        pick = np.unique(np.linspace(0, len(rels) - 1, min(n_samples, len(rels))).astype(int))
+        chunks = []
+        for i in pick:
+            x = self._scaled(read_tiff_chw(os.path.join(self.img_dir, rels[i])), rels[i])
+            chunks.append(x[:, ::4, ::4].reshape(N_BANDS, -1))
+        vals = np.concatenate(chunks, 1)
+        stats = [robust_band_stats(v) for v in vals]
+        logger.info("SpectralEarth: band stats computed from %d patches", len(pick))
+        return {"mean": [m for m, _ in stats], "std": [s for _, s in stats]}
+
+    @staticmethod
+    def _scaled(arr: np.ndarray, rel: str) -> np.ndarray:
+        if arr.shape[0] != N_BANDS:
+            raise ValueError(f"SpectralEarth patch {rel} has {arr.shape[0]} bands, expected {N_BANDS}")
+        return np.clip(arr.astype(np.float32), 0.0, SCALE) / SCALE
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def load(self, idx: int) -> torch.Tensor:
+        """One patch as a float32 (C,H,W) tensor, scaled and normalised."""
+        rel = self.relpaths[idx]
+        x = to_float_tensor(self._scaled(read_tiff_chw(os.path.join(self.img_dir, rel)), rel))
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if self.chn_idx is None else x[self.chn_idx]
+
+    def __getitem__(self, idx: int):
+        # a single-view sample has nothing to re-draw: the retries re-read the same file
+        sample = with_retries(lambda _a: [make_view([self.load(idx)], [self.chn_ids.clone()])], self.max_tries,
+                              self.faulty, f"SpectralEarth patch {self.relpaths[idx]}")
+        return self.transform(sample) if self.transform is not None else sample
