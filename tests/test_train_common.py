@@ -42,17 +42,22 @@ def make_sample(idx: int, nan: bool = False):
     multi = {"imgs": [torch.randn(3, 32, 32, generator=g), torch.randn(2, 16, 16, generator=g)],
              "chn_ids": [torch.tensor([482, 561, 655]), torch.tensor([-1, -2])]}
     if nan:
-        s2["imgs"][0][:, :4, :4] = float("nan")
-        multi["imgs"][0][:, :4, :4] = float("nan")
+        for view in (s2, multi):
+            for img in view["imgs"]:
+                img.fill_(float("nan"))
     return [s2, multi]
 
 
-class InMemoryScenes(Dataset):
-    """Map-style pretraining dataset of `make_sample` places; `nan_after` returns NaN pixels from that many
-    calls on (to provoke a non-finite loss mid-run)."""
+class SimulatedKill(Exception):
+    """Raised by `InMemoryScenes(kill_after=k)` to stop a run like a killed job."""
 
-    def __init__(self, n: int = 8, transform=None, nan_after: int = -1):
-        self.n, self.transform, self.nan_after, self.calls = n, transform, nan_after, 0
+
+class InMemoryScenes(Dataset):
+    """Map-style pretraining dataset of `make_sample` places; after `nan_after` calls it returns NaN pixels (to
+    provoke a non-finite loss mid-run), after `kill_after` calls it raises `SimulatedKill`."""
+
+    def __init__(self, n: int = 8, transform=None, nan_after: int = -1, kill_after: int = -1):
+        self.n, self.transform, self.nan_after, self.kill_after, self.calls = n, transform, nan_after, kill_after, 0
 
     def __len__(self):
         return self.n
@@ -60,15 +65,17 @@ class InMemoryScenes(Dataset):
     def __getitem__(self, idx):
         if not 0 <= idx < self.n:
             raise IndexError(f"index {idx} out of range for {self.n} samples")
+        if 0 <= self.kill_after <= self.calls:
+            raise SimulatedKill(f"simulated kill after {self.calls} samples")
         self.calls += 1
         sample = make_sample(idx, nan=0 <= self.nan_after < self.calls)
         return self.transform(sample) if self.transform is not None else sample
 
 
-def tiny_dataset(n: int = 8, nan_after: int = -1):
+def tiny_dataset(n: int = 8, nan_after: int = -1, kill_after: int = -1):
     from dinov2.data.augmentations import make_augmentation
 
-    return InMemoryScenes(n, transform=make_augmentation([dict(AUGM)]), nan_after=nan_after)
+    return InMemoryScenes(n, transform=make_augmentation([dict(AUGM)]), nan_after=nan_after, kill_after=kill_after)
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ class SmoothedValue:
         self.deque: deque = deque(maxlen=window_size)
         self.total = 0.0
         self.count = 0
-        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+        self.fmt = fmt or "{median:.4g} ({global_avg:.4g})"
 
     def update(self, value: float, num: int = 1) -> None:
         self.deque.append(value)
@@ -106,6 +106,9 @@ class MetricLogger:
         self.output_file = output_file
         self.logger = logger or logging.getLogger("dinov2")
         self.last_record: Dict[str, float] = {}
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
 
     def update(self, **kwargs) -> None:
         for k, v in kwargs.items():

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # `python dinov2/train/train.py` without PYTHONPA
 import torch
 
 from dinov2 import distributed
-from dinov2.logging import MetricLogger, setup_logging
+from dinov2.logging import MetricLogger, SmoothedValue, setup_logging
 from dinov2.train import reporting
 from dinov2.train.checkpointer import Checkpointer, restore_rng
 from dinov2.train.ssl_meta_arch import SSLMetaArch
@@ -186,6 +186,8 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True, dataset=None) -> dict
     wandb_run = reporting.init_wandb(cfg, out)
     total_bsz = bsz * distributed.get_world_size() * accum
     metric_logger = MetricLogger(output_file=metrics_file)
+    for k in ("lr", "wd", "mom", "teacher_temp", "last_layer_lr", "current_batch_size"):
+        metric_logger.add_meter(k, SmoothedValue(window_size=1, fmt="{value:.4g}"))  # schedules: current value
     on_log = partial(reporting.log_wandb, wandb_run, epoch_len=epoch_len, batch_size_total=total_bsz)
     clip = float(cfg.optim.get("clip_grad", 0) or 0)
     scaler = model.fp16_scaler
