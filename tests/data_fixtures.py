@@ -174,19 +174,20 @@ S2_SCENE_BANDS: List[Tuple[str, int]] = [("B02", 10), ("B03", 10), ("B04", 10), 
 
 
 def write_s2_scene(folder: str, extent_m: int = 1200, left: float = 500000.0, top: float = 5000020.0,
-                   bands: Sequence[Tuple[str, int]] = S2_SCENE_BANDS, nodata_east_m: int = 0, seed: int = 0) -> Dict:
+                   bands: Sequence[Tuple[str, int]] = S2_SCENE_BANDS, nodata_east_m: int = 0) -> Dict:
     """A Sentinel-2-like scene: one uint16 GeoTIFF per band at its native 10/20/60 m, all covering the same
-    `extent_m` square (EPSG:32632). Pixel value = 1000 + 100*band position + small noise, except the eastern
-    `nodata_east_m` metres, which are 0 (= nodata). Returns {'files': {band: path}, 'values': {...}}."""
-    rng = np.random.default_rng(seed)
+    `extent_m` square (EPSG:32632). Pixel value = 1000*(band position+1) + floor(x/60 m) (x of the pixel centre
+    from the western edge, identical on the ground at every resolution), except the eastern `nodata_east_m`
+    metres, which are 0 (= nodata). Returns {'files': {band: path}, 'values': {band: base value}}."""
     files, values = {}, {}
     for pos, (band, res) in enumerate(bands):
         n = extent_m // res
-        arr = (1000 + 100 * pos + rng.integers(0, 20, (n, n))).astype(np.uint16)
+        x_centre = (np.arange(n) + 0.5) * res
+        arr = np.broadcast_to(1000 * (pos + 1) + (x_centre // 60), (n, n)).astype(np.uint16).copy()
         if nodata_east_m:
             arr[:, n - nodata_east_m // res:] = 0
         files[band] = write_geotiff(os.path.join(folder, f"T32_{band}.tif"), arr, left, top, res)
-        values[band] = 1000 + 100 * pos
+        values[band] = 1000 * (pos + 1)
     return {"files": files, "values": values, "extent_m": extent_m, "left": left, "top": top}
 
 
@@ -196,3 +197,10 @@ def write_multiband_scene(path: str, n_bands: int = 4, size: int = 60, res: floa
     arr = np.stack([500 * (b + 1) + rng.integers(0, 10, (size, size)) for b in range(n_bands)]).astype(np.uint16)
     write_geotiff(path, arr, 300000.0, 4000020.0, res, epsg=32633)
     return {"file": path, "array": arr}
+
+
+def write_all_pretrain(rdir: str) -> Dict[str, Dict]:
+    """Every pretraining layout under `<rdir>/datasets` (the `$RDIR` convention of the readers' defaults)."""
+    ds = os.path.join(rdir, "datasets")
+    return {"fmow": write_fmow(ds), "mmearth": write_mmearth(ds), "satlas": write_satlas(ds),
+            "se": write_spectral_earth(ds)}

@@ -67,7 +67,8 @@ def _build_transform(cfg_list: List[Any]) -> Optional[Callable]:
     return make_augmentation(cfg_list)
 
 
-def make_dataset(cfg: Dict[str, Any], pretrain_augm_cfg: Optional[Dict[str, Any]] = None, seed: int = 42) -> Dataset:
+def make_dataset(cfg: Dict[str, Any], pretrain_augm_cfg: Optional[Dict[str, Any]] = None,
+                 seed: int = 42) -> Dataset:
     """Build a dataset from a config dict: `id` selects the class (`ConcatDataset` with `datasets: [...]` for a
     concatenation), `transform` is a list of augmentation configs to which the pretraining augmentation
     (`pretrain_augm_cfg` updated with `pretrain_augm_overwrites`) is appended, `subset` selects a subset, and

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dinov2.data.io import FaultyFileLog, expand_path, read_tiff_chw, require_path, resolve_root, with_retries
+from dinov2.data.io import (FaultyFileLog, UnreadableFileError, expand_path, read_tiff_chw, require_path,
+                            resolve_root, with_retries)
 from dinov2.data.normalize import BandNormalizer, normalizer_from_ds_cfg, to_float_tensor
 from dinov2.data.sensors import ds_chn_ids
 from dinov2.data.views import choose_indices, choose_large_enough, make_view
@@ -143,8 +144,6 @@ class FmowDataset(Dataset):
         arr = read_tiff_chw(path)
         n_exp = len(self.chn_ids[sensor])
         if arr.shape[0] != n_exp:
-            from dinov2.data.io import UnreadableFileError
-
             raise UnreadableFileError(path, ValueError(f"{arr.shape[0]} bands, sensor {sensor!r} has {n_exp}"))
         x = to_float_tensor(arr)
         if self.normalize:

@@ -11,6 +11,8 @@ all groups. Patches whose valid-pixel fraction (all bands valid, measured on a d
 `min_valid_fraction` are skipped; the remaining invalid pixels are set to the band mean (0 after normalisation).
 Statistics for normalisation are robust per-band mean/std of the scene itself (decimated read, cached) unless
 given. `split='val'` holds out the eastern `holdout_fraction` of each scene, `'train'` the rest.
+`mode='pretrain'` returns `[view]` (one view per patch; `num_views > 1` repeats it as independent copies for
+augmentations that want several views), `mode='eval'` returns `(x_dict, label)` on one `img_size` grid.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ class GeoTiffScenes(Dataset):
         transform: Optional[Callable] = None,
         min_valid_fraction: float = 0.95,
         stride_m: Optional[float] = None,
-        num_views: int = 2,
+        num_views: int = 1,
         full_spectra: bool = False,
         cache_dir: Optional[str] = None,
         max_tries_load_img: int = 3,
@@ -193,7 +195,8 @@ class GeoTiffScenes(Dataset):
 
     def _scene_stats(self, groups: List[RasterGroup], nodata, cell_m: float):
         """(cell validity grid, robust means, robust stds) from a decimated read of every band; cached."""
-        sig = [(p, b, os.stat(p).st_mtime_ns, os.stat(p).st_size) for g in groups for p, b in zip(g.files, g.band_indexes)]
+        sig = [(p, b, os.stat(p).st_mtime_ns, os.stat(p).st_size)
+               for g in groups for p, b in zip(g.files, g.band_indexes)]
         key = hashlib.sha1(repr((sig, nodata, cell_m)).encode()).hexdigest()
         if key in _SCENE_CACHE:
             return _SCENE_CACHE[key]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dinov2.data.io import (FaultyFileLog, LazyHandles, open_h5, UnreadableFileError, require_path, resolve_root,
+from dinov2.data.io import (FaultyFileLog, LazyHandles, UnreadableFileError, open_h5, require_path, resolve_root,
                             with_retries)
 from dinov2.data.normalize import BandNormalizer
 from dinov2.data.sensors import ds_chn_ids

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dinov2.data.io import (FaultyFileLog, LazyHandles, open_h5, UnreadableFileError, read_png_chw, require_path,
-                            resolve_root, expand_path, with_retries)
+from dinov2.data.io import (FaultyFileLog, LazyHandles, UnreadableFileError, expand_path, open_h5, read_png_chw,
+                            require_path, resolve_root, with_retries)
 from dinov2.data.normalize import BandNormalizer, normalizer_from_ds_cfg
 from dinov2.data.sensors import ds_chn_ids
 from dinov2.data.views import choose_indices, group_by_shape, make_view
