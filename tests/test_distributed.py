@@ -1,0 +1,98 @@
+"""Distributed helpers without a process group, launcher environment parsing, and a 2-process gloo training run
+under torchrun in which both ranks keep identical weights."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinov2 import distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_helpers_work_without_process_group():
+    assert not distributed.is_enabled()
+    assert (distributed.get_rank(), distributed.get_world_size(), distributed.is_main_process()) == (0, 1, True)
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    t = torch.tensor([2.0])
+    assert torch.equal(distributed.all_reduce_mean(t), t)
+    distributed.barrier()
+    assert distributed.get_device().type in ("cpu", "cuda")
+
+
+def test_launcher_environment_parsing(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+              "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_LOCALID", "SLURM_JOB_NUM_NODES", "SLURM_JOB_NODELIST"):
+        monkeypatch.delenv(k, raising=False)
+    assert distributed._read_launcher_env() is None
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_ID", "12345")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[007-008],cpu1")
+    spec = distributed._read_launcher_env()
+    assert spec["rank"] == 5 and spec["world_size"] == 8 and spec["local_rank"] == 1
+    assert spec["local_world_size"] == 4 and spec["master_addr"] == "gpu007"
+    assert spec["master_port"] == str(20000 + 12345 % 20000)
+    monkeypatch.setenv("RANK", "1")  # torchrun variables take precedence
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed._read_launcher_env()["world_size"] == 2
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        distributed._read_launcher_env()
+
+
+def _worker(out_dir: str, config_file: str, opts: list) -> None:
+    """Runs under torchrun: the CLI set-up path, DDP over gloo, then each rank dumps its own weights."""
+    from dinov2.train.train import build_model, do_train, get_args_parser, setup
+
+    args = get_args_parser().parse_args([f"--config-file={config_file}", f"--output-dir={out_dir}", *opts])
+    cfg = setup(args)
+    assert distributed.is_enabled() and distributed.get_world_size() == 2
+    assert torch.distributed.get_backend() == "gloo"
+    model = build_model(cfg)
+    do_train(cfg, model, resume=False)
+    torch.save(model.state_dict(), os.path.join(out_dir, f"rank{distributed.get_rank()}.pth"))
+    distributed.barrier()
+    distributed.disable()
+
+
+def test_torchrun_two_ranks_gloo_keep_identical_weights(tmp_path):
+    import yaml
+    from data_fixtures import write_s2_scene
+    from test_train_common import AUGM, TINY
+
+    scene = write_s2_scene(str(tmp_path / "scene"))
+    (tmp_path / "scenes.yaml").write_text(yaml.safe_dump({"scenes": [{"sensor": "sentinel2", "files": scene["files"]}]}))
+    cfg = {"train": {"dataset": {"id": "GeoTiffScenes", "scenes": str(tmp_path / "scenes.yaml"), "patch_size_m": 300},
+                     "pretrain_augm": AUGM}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env.pop("PANOPTICON_DEVICE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(out), str(tmp_path / "run.yaml"), *TINY, "optim.epochs=2", "train.batch_size_per_gpu=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = torch.load(out / "rank0.pth", weights_only=True)
+    r1 = torch.load(out / "rank1.pth", weights_only=True)
+    init = torch.load(out / "model_0000001.pth", weights_only=True)["model"]
+    assert set(r0) == set(r1)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    assert final["world_size"] == 2 and len(final["rng_states"]) == 2
+    assert all(torch.equal(final["model"][k], r0[k]) for k in r0)
+    assert not torch.equal(init["student.backbone.blocks.0.attn.qkv.weight"], r0["student.backbone.blocks.0.attn.qkv.weight"])
+    assert (out / "logs" / "log.txt").exists() and (out / "logs" / "log.txt.rank1").exists()
+    # the sqrt rule saw the total batch of both ranks: 2 per rank x 2 ranks
+    saved = (out / "config.yaml").read_text()
+    assert f"lr: {0.01 * (4 / 1024) ** 0.5}" in saved
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3:])
