@@ -23,18 +23,20 @@ def _write_tiff_hwc(path: str, arr: np.ndarray) -> None:
     tifffile.imwrite(path, arr, photometric="minisblack", planarconfig="contig")
 
 
-def write_fmow(root: str, n_footprints: int = 3, size: int = 40, seed: int = 0) -> Dict[str, object]:
+def write_fmow(root: str, n_footprints: int = 3, size: int = 40, seed: int = 0,
+               entries: Sequence[Tuple[str, int, int]] = ()) -> Dict[str, object]:
     """fMoW-full (rgb, wv23 `_ms`) + fMoW-Sentinel (s2) TIFFs and the footprint-indexed metadata_v2 parquet
     (one row per footprint, list columns). Footprint 0 has one image of each sensor plus a second s2 date;
-    image sizes vary so that size filters can be tested. Returns {'rows': [...], 'paths': {...}}."""
+    image sizes vary so that size filters can be tested; `entries` ((sensor, h, w), ...) overrides the images
+    of every footprint. Returns {'rows': [...], 'paths': {...}}."""
     import pandas as pd
 
     rng = np.random.default_rng(seed)
     rows, paths = [], {}
     for f in range(n_footprints):
-        entries = [("rgb", size, size + 4), ("wv23", size // 2, size // 2 + 2), ("s2", 12, 12), ("s2", 12, 13)]
+        images = entries or [("rgb", size, size + 4), ("wv23", size // 2, size // 2 + 2), ("s2", 12, 12), ("s2", 12, 13)]
         rec = {c: [] for c in ("img_id", "path", "sensor", "gsd", "timestamp", "img_height", "img_width")}
-        for k, (sensor, h, w) in enumerate(entries):
+        for k, (sensor, h, w) in enumerate(images):
             name = f"airport_{f}_{k}"
             if sensor == "s2":
                 rel = f"fmow-sentinel/train/airport/airport_{f}/{name}.tif"

@@ -74,6 +74,8 @@ class SpectralEarthDataset(Dataset):
         self.norm: Optional[BandNormalizer] = None
         if normalize:
             self.norm = self._load_stats(band_stats, stats_num_samples)
+            self._scale = (1.0 / (SCALE * self.norm.std))[:, None, None]
+            self._shift = (self.norm.mean / self.norm.std)[:, None, None]
 
     @staticmethod
     def _read_list(path: str) -> List[str]:
@@ -137,9 +139,14 @@ class SpectralEarthDataset(Dataset):
     def load(self, idx: int) -> torch.Tensor:
         """One patch as a float32 (C,H,W) tensor, scaled and normalised."""
         rel = self.relpaths[idx]
-        x = to_float_tensor(self._scaled(read_tiff_chw(os.path.join(self.img_dir, rel)), rel))
-        if self.norm is not None:
-            x = self.norm(x)
+        arr = read_tiff_chw(os.path.join(self.img_dir, rel))
+        if arr.shape[0] != N_BANDS:
+            raise ValueError(f"SpectralEarth patch {rel} has {arr.shape[0]} bands, expected {N_BANDS}")
+        x = to_float_tensor(arr).clamp_(0.0, SCALE)
+        if self.norm is None:
+            x.div_(SCALE)
+        else:  # (x / SCALE - mean) / std folded into one multiply-subtract over the 202-band cube
+            x.mul_(self._scale).sub_(self._shift)
         return x if self.chn_idx is None else x[self.chn_idx]
 
     def __getitem__(self, idx: int):
