@@ -62,32 +62,26 @@ def _worker(out_dir: str, config_file: str, opts: list) -> None:
 
 
 def test_torchrun_two_ranks_gloo_keep_identical_weights(tmp_path):
-    import yaml
-    from data_fixtures import write_s2_scene
-    from test_train_common import AUGM, TINY
+    from test_train_common import TINY, write_geotiff_run
 
-    scene = write_s2_scene(str(tmp_path / "scene"))
-    (tmp_path / "scenes.yaml").write_text(yaml.safe_dump({"scenes": [{"sensor": "sentinel2", "files": scene["files"]}]}))
-    cfg = {"train": {"dataset": {"id": "GeoTiffScenes", "scenes": str(tmp_path / "scenes.yaml"), "patch_size_m": 300},
-                     "pretrain_augm": AUGM}}
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    run_yaml = write_geotiff_run(tmp_path)
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     env.pop("PANOPTICON_DEVICE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           str(out), str(tmp_path / "run.yaml"), *TINY, "optim.epochs=2", "train.batch_size_per_gpu=2"]
+           str(out), run_yaml, *TINY, "optim.epochs=2", "train.batch_size_per_gpu=2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = torch.load(out / "rank0.pth", weights_only=True)
     r1 = torch.load(out / "rank1.pth", weights_only=True)
-    init = torch.load(out / "model_0000001.pth", weights_only=True)["model"]
+    mid = torch.load(out / "model_0000001.pth", weights_only=True)["model"]
     assert set(r0) == set(r1)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
     final = torch.load(out / "model_final.pth", weights_only=True)
     assert final["world_size"] == 2 and len(final["rng_states"]) == 2
     assert all(torch.equal(final["model"][k], r0[k]) for k in r0)
-    assert not torch.equal(init["student.backbone.blocks.0.attn.qkv.weight"], r0["student.backbone.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(mid["student.backbone.blocks.0.attn.qkv.weight"], r0["student.backbone.blocks.0.attn.qkv.weight"])
     assert (out / "logs" / "log.txt").exists() and (out / "logs" / "log.txt.rank1").exists()
     # the sqrt rule saw the total batch of both ranks: 2 per rank x 2 ranks
     saved = (out / "config.yaml").read_text()

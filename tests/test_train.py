@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 import yaml
-from test_train_common import AUGM, TINY, SimulatedKill, tiny_cfg, tiny_dataset
+from test_train_common import TINY, SimulatedKill, tiny_cfg, tiny_dataset, write_geotiff_run
 
 from dinov2.train.checkpointer import Checkpointer
 from dinov2.train.ssl_meta_arch import SSLMetaArch
@@ -165,15 +165,9 @@ def test_pretrained_weights_include_exclude_prefix_map(tmp_path):
 
 
 def test_cli_on_geotiff_scenes(tmp_path):
-    from data_fixtures import write_s2_scene
-
-    scene = write_s2_scene(str(tmp_path / "scene"))
-    (tmp_path / "scenes.yaml").write_text(yaml.safe_dump({"scenes": [{"sensor": "sentinel2", "files": scene["files"]}]}))
-    run_cfg = {"train": {"dataset": {"id": "GeoTiffScenes", "scenes": str(tmp_path / "scenes.yaml"), "patch_size_m": 300},
-                         "pretrain_augm": AUGM}}
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_cfg))
+    run_yaml = write_geotiff_run(tmp_path)
     out = tmp_path / "out"
-    res = main([f"--config-file={tmp_path / 'run.yaml'}", f"--output_dir={out}", *TINY, "optim.epochs=1"])
+    res = main([f"--config-file={run_yaml}", f"--output_dir={out}", *TINY, "optim.epochs=1"])
     assert res["iteration"] == 1
     for f in ("config.yaml", "model_final.pth", "last_checkpoint", "training_metrics.json", "training_curve.png",
               "logs/log.txt"):
@@ -183,3 +177,14 @@ def test_cli_on_geotiff_scenes(tmp_path):
     sd = _load(out / "model_final.pth")["model"]
     assert any(k.startswith("teacher.backbone.") for k in sd) and any(k.startswith("student.backbone.") for k in sd)
     assert "Training" in (out / "logs" / "log.txt").read_text()
+
+
+def test_submitit_launcher_runs_training_in_debug_mode(tmp_path):
+    from dinov2.run.train import main as submit_main
+
+    run_yaml = write_geotiff_run(tmp_path)
+    out = tmp_path / "job"
+    job = submit_main(["--cluster=debug", "--ngpus=1", f"--config-file={run_yaml}", f"--output-dir={out}", *TINY,
+                       "optim.epochs=1"])
+    assert job.result()["iteration"] == 1
+    assert (out / "model_final.pth").exists() and (out / "slurm").is_dir()

@@ -78,6 +78,21 @@ def tiny_dataset(n: int = 8, nan_after: int = -1, kill_after: int = -1):
     return InMemoryScenes(n, transform=make_augmentation([dict(AUGM)]), nan_after=nan_after, kill_after=kill_after)
 
 
+def write_geotiff_run(tmp_path) -> str:
+    """A GeoTiffScenes pretraining config over a fixture Sentinel-2 scene (real GeoTIFF layout); returns its path."""
+    import yaml
+    from data_fixtures import write_s2_scene
+
+    scene = write_s2_scene(str(tmp_path / "scene"))
+    scenes = tmp_path / "scenes.yaml"
+    scenes.write_text(yaml.safe_dump({"scenes": [{"sensor": "sentinel2", "files": scene["files"]}]}))
+    run_cfg = {"train": {"dataset": {"id": "GeoTiffScenes", "scenes": str(scenes), "patch_size_m": 300},
+                         "pretrain_augm": AUGM}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_cfg))
+    return str(path)
+
+
 @pytest.fixture
 def env_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("RDIR", str(tmp_path / "res"))

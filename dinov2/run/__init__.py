@@ -1,0 +1,1 @@
+"""submitit launchers for SLURM (and local / in-process debugging): `python dinov2/run/train.py ...`."""

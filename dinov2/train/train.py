@@ -35,8 +35,8 @@ from dinov2.utils.utils import CosineScheduler, fix_random_seeds
 logger = logging.getLogger("dinov2")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Panopticon pretraining", add_help=True)
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Panopticon pretraining", add_help=add_help)
     p.add_argument("--config-file", "--config_file", dest="config_file", default="", help="training config yaml")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="", help="run directory")
     p.add_argument("--env", default=None, help="extra yaml merged after the config file (cluster paths)")
