@@ -160,12 +160,12 @@ def write_geotiff(path: str, arr: np.ndarray, left: float, top: float, res: floa
                   nodata=None) -> str:
     """A GeoTIFF (bands, H, W) with a north-up UTM transform."""
     import rasterio
-    from rasterio.transform import from_origin
+    from affine import Affine
 
     arr = arr if arr.ndim == 3 else arr[None]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
-                       dtype=arr.dtype, crs=f"EPSG:{epsg}", transform=from_origin(left, top, res, res),
+                       dtype=arr.dtype, crs=f"EPSG:{epsg}", transform=Affine(res, 0.0, left, 0.0, -res, top),
                        nodata=nodata, tiled=arr.shape[1] >= 256 and arr.shape[2] >= 256) as dst:
         dst.write(arr)
     return path

