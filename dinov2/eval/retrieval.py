@@ -1,0 +1,80 @@
+"""Cross-band retrieval (task id ``retrieval``): a label-free check of spectral invariance, usable on any
+dataset.
+
+Each eval sample is embedded twice, from two disjoint band subsets (e.g. visible vs. NIR/SWIR). For every
+query embedding (subset A) we rank the key embeddings (subset B) of all samples by cosine similarity and count
+how often the same sample is among the top k. Results: ``recall@k`` (in %, chance = k/N·100),
+``mean_pair_cosine`` (mean cosine of the true pairs) and ``mean_other_cosine`` (mean cosine of all wrong pairs)
+so the gap between the two is visible, plus ``n_samples``.
+
+Band subsets are given per task as ``{channels: [i, ...]}`` (indices into the sample's channels) or
+``{wavelength_nm: [lo, hi]}`` (all channels whose chn_id lies in [lo, hi]; SAR ids are negative).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def resolve_band_subset(spec: Mapping, chn_ids: torch.Tensor, what: str = "band subset") -> List[int]:
+    """Channel indices selected by ``spec`` for a sample whose channel ids are ``chn_ids`` ((C,) or (C,2))."""
+    ids = chn_ids[..., 0] if chn_ids.ndim == 2 else chn_ids
+    ids = ids.float()
+    n_ch = ids.shape[0]
+    keys = set(spec) & {"channels", "wavelength_nm"}
+    if len(keys) != 1:
+        raise ValueError(f"{what} must give exactly one of 'channels' or 'wavelength_nm', got {dict(spec)}")
+    if "channels" in spec:
+        idx = [int(i) for i in spec["channels"]]
+        bad = [i for i in idx if not 0 <= i < n_ch]
+        if bad:
+            raise ValueError(f"{what}: channel indices {bad} out of range for {n_ch} channels")
+    else:
+        lo, hi = (float(v) for v in spec["wavelength_nm"])
+        idx = [i for i in range(n_ch) if lo <= float(ids[i]) <= hi]
+    if not idx:
+        raise ValueError(f"{what} {dict(spec)} selects no channel of chn_ids {ids.tolist()}")
+    return idx
+
+
+def check_disjoint(idx_a: Sequence[int], idx_b: Sequence[int]) -> None:
+    """The two subsets must not share channels (otherwise the task would be trivial)."""
+    common = sorted(set(idx_a) & set(idx_b))
+    if common:
+        raise ValueError(f"Retrieval band subsets overlap in channels {common}; they must be disjoint")
+
+
+@torch.no_grad()
+def retrieval_metrics(emb_a: torch.Tensor, emb_b: torch.Tensor, ks: Sequence[int] = (1, 5),
+                      chunk_size: int = 1024) -> Dict[str, float]:
+    """Row i of ``emb_a`` should retrieve row i of ``emb_b`` among all rows of ``emb_b``.
+
+    Ties count against the query (a true pair only counts at rank r if fewer than r keys score strictly higher
+    and no tie pushes it out), so constant embeddings give chance-level recall, not 100%.
+    """
+    if emb_a.shape != emb_b.shape or emb_a.ndim != 2:
+        raise ValueError(f"Retrieval needs two (N, D) embeddings of equal shape, got {tuple(emb_a.shape)} and "
+                         f"{tuple(emb_b.shape)}")
+    n = emb_a.shape[0]
+    if n < 2:
+        raise ValueError(f"Retrieval needs at least 2 samples, got {n}")
+    a = F.normalize(emb_a.float(), dim=1)
+    b = F.normalize(emb_b.float(), dim=1)
+    ranks, pair_cos, other_sum = [], [], 0.0
+    for s in range(0, n, chunk_size):
+        sims = a[s:s + chunk_size] @ b.T
+        rows = torch.arange(sims.shape[0])
+        true = sims[rows, rows + s]
+        higher = (sims > true[:, None]).sum(1)
+        ties = (sims == true[:, None]).sum(1) - 1  # other keys with exactly the same score
+        ranks.append(higher + ties)  # pessimistic rank (0 = retrieved first)
+        pair_cos.append(true)
+        other_sum += float(sims.sum() - true.sum())
+    rank = torch.cat(ranks)
+    out = {f"recall@{k}": round(float((rank < k).float().mean()) * 100, 2) for k in ks}
+    out["mean_pair_cosine"] = round(float(torch.cat(pair_cos).mean()), 4)
+    out["mean_other_cosine"] = round(other_sum / (n * (n - 1)), 4)
+    out["n_samples"] = n
+    return out

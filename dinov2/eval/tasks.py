@@ -1,0 +1,241 @@
+"""Evaluation tasks: config assembly (defaults <- task file <- overrides) and the runners for ``knn``,
+``classification`` / ``multilabelclassification`` (linear probes) and ``retrieval``.
+
+Each runner writes into its task folder: ``config.yaml`` (resolved), ``results.csv``, ``results_eval_<type>.json``
+(all results) and ``plots.png``, and returns ``{metric: value}`` (accuracies etc. in %).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from dinov2.eval import results as res
+from dinov2.eval.features import extract_features, select_channels
+from dinov2.eval.knn import best_per_metric, run_knn
+from dinov2.eval.linear import train_linear_probes
+from dinov2.eval.metrics import build_metrics
+from dinov2.eval.retrieval import check_disjoint, resolve_band_subset, retrieval_metrics
+
+logger = logging.getLogger("dinov2")
+PKG_EVAL_CFG = Path(__file__).resolve().parent.parent / "configs" / "eval"
+DEFAULT_FILES = {"knn": "default_eval_knn.yaml", "classification": "default_eval_linear.yaml",
+                 "multilabelclassification": "default_eval_linear_multilabel.yaml",
+                 "retrieval": "default_eval_retrieval.yaml"}
+REPLACE_NOT_MERGE = ("task.query_bands", "task.key_bands")
+
+
+def eval_config_root() -> Path:
+    """``$CDIR/eval`` when it exists, else the package's ``dinov2/configs/eval``."""
+    cdir = os.environ.get("CDIR")
+    if cdir and (Path(os.path.expandvars(cdir)) / "eval").is_dir():
+        return Path(os.path.expandvars(cdir)) / "eval"
+    return PKG_EVAL_CFG
+
+
+def dotted_to_nested(overrides: Mapping[str, Any]) -> Dict[str, Any]:
+    """``{'optim.epochs': 1}`` -> ``{'optim': {'epochs': 1}}``."""
+    out: Dict[str, Any] = {}
+    for key, value in overrides.items():
+        node = out
+        parts = str(key).split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"Override {key!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def build_task_cfg(path: Path, overrides: Optional[Mapping[str, Any]] = None):
+    """Merge default <- task file <- overrides and resolve interpolations (task files may use ``_vars`` and
+    ``${_default_augms.*}``); ``_vars``/``_default_augms`` are dropped from the result."""
+    from omegaconf import OmegaConf
+
+    task = OmegaConf.load(path)
+    ov = OmegaConf.create(dotted_to_nested(overrides or {}))
+    task_id = OmegaConf.select(ov, "task.id") or OmegaConf.select(task, "task.id")
+    if task_id not in DEFAULT_FILES:
+        raise ValueError(f"{path}: task.id must be one of {sorted(DEFAULT_FILES)}, got {task_id!r}")
+    default_path = eval_config_root() / "defaults" / DEFAULT_FILES[task_id]
+    if not default_path.is_file():
+        default_path = PKG_EVAL_CFG / "defaults" / DEFAULT_FILES[task_id]
+    default = OmegaConf.load(default_path)
+    for key in REPLACE_NOT_MERGE:  # a band subset given by the task replaces the default one entirely
+        if OmegaConf.select(task, key) is not None or OmegaConf.select(ov, key) is not None:
+            OmegaConf.update(default, key, None, merge=False)
+    cfg = OmegaConf.merge(default, task, ov)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for scratch in ("_vars", "_default_augms"):
+        plain.pop(scratch, None)
+    return OmegaConf.create(plain)
+
+
+def _plain(node) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build_dataset(ds_cfg, seed: int):
+    """Dataset from a task dataset config (``{id, transform, subset, <ctor kwargs>}``) via ``make_dataset``."""
+    from dinov2.data.loaders import make_dataset
+
+    if ds_cfg is None:
+        raise ValueError("Task config lacks a dataset entry")
+    return make_dataset(_plain(ds_cfg), seed=seed)
+
+
+def num_classes_of(ds, cfg) -> int:
+    """``task.num_classes`` if set, else the dataset's (unwrapping Subset / ConcatDataset)."""
+    if cfg.task.get("num_classes"):
+        return int(cfg.task.num_classes)
+    while not hasattr(ds, "num_classes"):
+        if hasattr(ds, "dataset"):
+            ds = ds.dataset
+        elif hasattr(ds, "datasets"):
+            ds = ds.datasets[0]
+        else:
+            raise ValueError(f"Cannot tell the number of classes of {type(ds).__name__}; set task.num_classes")
+    return int(ds.num_classes)
+
+
+def _dl(cfg) -> Dict[str, Any]:
+    dl = cfg.get("optim", {}).get("dl", {}) if cfg.get("optim") else {}
+    return {"batch_size": int(dl.get("batch_size", 64)), "num_workers": int(dl.get("num_workers", 0))}
+
+
+def _extract(backbone, ds, specs, cfg, device, desc, x_transform=None):
+    dl = _dl(cfg)
+    return extract_features(backbone, ds, specs, batch_size=dl["batch_size"], num_workers=dl["num_workers"],
+                            device=device, autocast_dtype=cfg.get("autocast_dtype", "auto"),
+                            x_transform=x_transform, desc=desc)
+
+
+def _pct(x: float) -> float:
+    return round(float(x) * 100, 2)
+
+
+def run_knn_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dict[str, float]:
+    seed = int(cfg.get("seed", 42))
+    b2f = cfg.task.get("backbone_to_features", {})
+    spec = (int(b2f.get("use_n_blocks", 1)), str(b2f.get("pooling", "knn")))
+    train_ds, test_ds = build_dataset(cfg.train_dataset, seed), build_dataset(cfg.test_dataset, seed)
+    ncls = num_classes_of(train_ds, cfg)
+    tr_f, tr_y = _extract(backbone, train_ds, [spec], cfg, device, "knn train")
+    te_f, te_y = _extract(backbone, test_ds, [spec], cfg, device, "knn test")
+    heads = cfg.get("heads", {})
+    out = run_knn(tr_f[spec], tr_y, te_f[spec], te_y, build_metrics(_plain(cfg.task.metrics)), ncls,
+                  ks=[int(k) for k in heads.get("nb_knn", [20])], temperature=float(heads.get("temperature", 0.07)),
+                  multilabel=bool(cfg.task.get("is_multilabel", False)),
+                  n_per_class_list=[int(n) for n in heads.get("n_per_class_list", [-1])],
+                  n_tries=int(heads.get("n_tries", 1)), seed=seed)
+    res.write_json(task_dir / "results_eval_knn.json",
+                   {str(k): {m: _pct(v) for m, v in vals.items()} for k, vals in out.items()})
+    best = best_per_metric(out)
+    rows = [(m, _pct(v), clf) for m, (v, clf) in best.items()]
+    res.write_task_csv(task_dir, rows)
+    res.plot_task(task_dir / "plots.png", f"kNN {task_dir.name}",
+                  bars={f"{m} {k}": _pct(v) for k, vals in out.items() for m, v in vals.items()})
+    return {m: v for m, v, _ in rows}
+
+
+def _feat_specs(cfg) -> List[Tuple[int, str]]:
+    heads = cfg.heads
+    return [(int(n), str(p)) for n in heads.n_last_blocks_list for p in heads.pooling]
+
+
+def run_linear_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dict[str, float]:
+    seed = int(cfg.get("seed", 42))
+    multilabel = cfg.task.id == "multilabelclassification"
+    specs = _feat_specs(cfg)
+    train_ds = build_dataset(cfg.train_dataset, seed)
+    val_ds = build_dataset(cfg.val_dataset, seed)
+    tests_cfg = cfg.get("test_datasets_list") or []
+    if not tests_cfg:
+        raise ValueError(f"Linear task {task_dir} has no test_datasets_list (results would be empty)")
+    ncls = num_classes_of(train_ds, cfg)
+    train = _extract(backbone, train_ds, specs, cfg, device, "linear train")
+    val = _extract(backbone, val_ds, specs, cfg, device, "linear val")
+    tests = {}
+    for i, tcfg in enumerate(tests_cfg):
+        name = tcfg.get("display_name") or f"test{i}"
+        tests[name] = _extract(backbone, build_dataset(tcfg, seed), specs, cfg, device, f"linear {name}")
+    optim = cfg.get("optim", {})
+    bs = _dl(cfg)["batch_size"]
+    iter_per_epoch = float(optim.get("iter_per_epoch", -1) or -1)
+    if iter_per_epoch <= 0:
+        iter_per_epoch = len(train[1]) / bs
+    period = optim.get("eval_period_iter") or int(max(1, float(optim.get("eval_period_epoch", 1)) * iter_per_epoch))
+    out = train_linear_probes(train, val, tests, ncls, build_metrics(_plain(cfg.task.val_metrics)),
+                              [float(lr) for lr in cfg.heads.learning_rates], epochs=float(optim.get("epochs", 2)),
+                              batch_size=bs, multilabel=multilabel,
+                              criterion=(cfg.task.get("criterion_cfg") or {}).get("id"),
+                              eval_period_iter=int(period), seed=seed, device=str(device or "cpu"))
+    best = out["best_classifier"]
+    rows = []
+    for name, vals in out["test"].items():
+        for m, v in vals.items():
+            rows.append((m if len(tests) == 1 else f"{name}/{m}", _pct(v), best))
+    res.write_json(task_dir / "results_eval_linear.json", {
+        "best_classifier": best, "max_iter": out["max_iter"],
+        "val": {m: _pct(v) for m, v in out["val"].items()},
+        "test": {n: {m: _pct(v) for m, v in vals.items()} for n, vals in out["test"].items()},
+        "all_val": {h: {m: _pct(v) for m, v in vals.items()} for h, vals in out["all_val"].items()}})
+    res.write_json(task_dir / "training_metrics.json", {"train_loss": out["train_loss"],
+                                                         "val_curve": out["val_curve"]})
+    torch.save({"heads": out["heads"].state_dict(), "best_classifier": best}, task_dir / "model_final.pth")
+    res.write_task_csv(task_dir, rows)
+    res.plot_task(task_dir / "plots.png", f"linear {task_dir.name} ({best})",
+                  bars={m: v for m, v, _ in rows},
+                  curves={"train loss": out["train_loss"], "val best " + next(iter(out["val"])): out["val_curve"]})
+    return {m: v for m, v, _ in rows}
+
+
+def run_retrieval_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dict[str, float]:
+    seed = int(cfg.get("seed", 42))
+    ds = build_dataset(cfg.test_dataset, seed)
+    b2f = cfg.task.get("backbone_to_features", {})
+    spec = (int(b2f.get("use_n_blocks", 1)), str(b2f.get("pooling", "knn")))
+    chn_ids = torch.as_tensor(ds[0][0]["chn_ids"])
+    idx_a = resolve_band_subset(_plain(cfg.task.query_bands), chn_ids, "query_bands")
+    idx_b = resolve_band_subset(_plain(cfg.task.key_bands), chn_ids, "key_bands")
+    check_disjoint(idx_a, idx_b)
+
+    def subset(idx):
+        def fn(x):
+            if not bool((x["chn_ids"] == chn_ids.to(x["chn_ids"].dtype)).all()):
+                raise ValueError("Retrieval needs every sample to share the channel ids of the first sample")
+            return select_channels(x, idx)
+        return fn
+
+    fa, _ = _extract(backbone, ds, [spec], cfg, device, "retrieval query", subset(idx_a))
+    fb, _ = _extract(backbone, ds, [spec], cfg, device, "retrieval key", subset(idx_b))
+    ks = [int(k) for k in cfg.task.get("ks", [1, 5])]
+    out = retrieval_metrics(fa[spec], fb[spec], ks)
+    ids = chn_ids[..., 0] if chn_ids.ndim == 2 else chn_ids
+    out_json = dict(out, query_chn_ids=ids[idx_a].tolist(), key_chn_ids=ids[idx_b].tolist(),
+                    chance_recall_at_1=round(100.0 / out["n_samples"], 2))
+    res.write_json(task_dir / "results_eval_retrieval.json", out_json)
+    rows = [(m, v, f"query={ids[idx_a].tolist()} key={ids[idx_b].tolist()}") for m, v in out.items()]
+    res.write_task_csv(task_dir, rows)
+    res.plot_task(task_dir / "plots.png", f"cross-band retrieval {task_dir.name}",
+                  bars={m: v for m, v in out.items() if m.startswith("recall@")})
+    return dict(out)
+
+
+RUNNERS = {"knn": run_knn_task, "classification": run_linear_task, "multilabelclassification": run_linear_task,
+           "retrieval": run_retrieval_task}
+
+
+def run_task(cfg, backbone, task_dir: Path, device: Optional[str] = None) -> Dict[str, float]:
+    """Write the resolved config and run the task; returns ``{metric: value}``."""
+    from omegaconf import OmegaConf
+
+    task_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, task_dir / "config.yaml")
+    torch.manual_seed(int(cfg.get("seed", 42)))
+    return RUNNERS[cfg.task.id](cfg, backbone, task_dir, device)

@@ -1,0 +1,153 @@
+"""Evaluation dataset readers on tiny fixtures written in the public on-disk layouts (tests/eval_fixtures.py)."""
+import collections
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from eval_fixtures import write_benv2, write_eurosat_sar, write_geobench_task, write_resisc45
+
+from dinov2.data import sensors
+from dinov2.data.datasets.geobench import GeobenchDataset, GeobenchPickleError, decode_attr_pickle, safe_loads
+
+
+@pytest.fixture(scope="module")
+def geobench_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("geobench")
+    write_geobench_task(root, "m-eurosat", {"train": 8, "valid": 3, "test": 3}, bad_pickle_sample="evil_sample")
+    write_geobench_task(root, "m-so2sat", {"train": 2, "valid": 1, "test": 1}, n_classes=17)
+    write_geobench_task(root, "m-bigearthnet", {"train": 2, "valid": 1, "test": 1}, n_classes=43, kind="multilabel")
+    write_geobench_task(root, "m-cashew-plant", {"train": 2, "valid": 1, "test": 1}, n_classes=7,
+                        kind="segmentation")
+    return root
+
+
+@pytest.fixture
+def geobench_env(geobench_dir, monkeypatch):
+    monkeypatch.setenv("GEO_BENCH_DIR", str(geobench_dir))
+    return geobench_dir
+
+
+def test_geobench_classification_sample(geobench_env):
+    ds = GeobenchDataset("m-eurosat", split="train")
+    assert len(ds) == 8 and ds.num_classes == 10
+    x, y = ds[0]
+    assert x["imgs"].shape == (13, 16, 16) and x["imgs"].dtype == torch.float32
+    assert torch.equal(x["chn_ids"], sensors.ds_chn_ids("m-eurosat"))
+    assert isinstance(y, int) and 0 <= y < 4
+    # band_stats normalisation: the train split is ~zero-mean, unit-std per band
+    stack = torch.stack([ds[i][0]["imgs"] for i in range(len(ds))])
+    assert stack.mean(dim=(0, 2, 3)).abs().max() < 0.2
+    assert (stack.std(dim=(0, 2, 3)) - 1).abs().max() < 0.2
+    assert len(GeobenchDataset("m-eurosat", split="val")) == 3  # 'val' -> GEO-Bench 'valid'
+    assert len(GeobenchDataset("m-eurosat", split="train", partition="0.10x_train")) == 1
+
+
+def test_geobench_band_selection_by_name(geobench_env):
+    full = GeobenchDataset("m-eurosat", split="train")
+    sub = GeobenchDataset("m-eurosat", split="train", bands=["04 - Red", "03 - Green", "08 - NIR"])
+    x_full, _ = full[1]
+    x_sub, _ = sub[1]
+    assert x_sub["chn_ids"].tolist() == [664, 559, 827]
+    assert torch.allclose(x_sub["imgs"], x_full["imgs"][[3, 2, 7]])
+    with pytest.raises(ValueError, match="unknown bands.*Purple"):
+        GeobenchDataset("m-eurosat", split="train", bands=["Purple"])
+
+
+def test_geobench_so2sat_band_subset(geobench_env):
+    x, _ = GeobenchDataset("m-so2sat", split="train")[0]
+    assert x["chn_ids"].tolist() == [-2, -1, 492, 559, 664, 704, 740, 782, 827, 864, 1613, 2203]
+    assert x["imgs"].shape[0] == 12
+
+
+def test_geobench_multilabel_and_segmentation(geobench_env):
+    x, y = GeobenchDataset("m-bigearthnet", split="train")[0]
+    assert x["imgs"].shape[0] == 12 and y.shape == (43,) and y.dtype == torch.float32 and y.sum() == 2
+    x, mask = GeobenchDataset("m-cashew-plant", split="train")[0]
+    assert mask.shape == (16, 16) and mask.dtype == torch.int64 and mask.unique().numel() == 1
+
+
+def test_geobench_refuses_foreign_pickle_classes(geobench_env):
+    ds = GeobenchDataset("m-eurosat", split="test")
+    with pytest.raises(GeobenchPickleError) as err:
+        ds[ds.samples.index("evil_sample")]
+    assert "posix.system" in str(err.value) or "nt.system" in str(err.value)
+    assert "evil_sample.hdf5" in str(err.value)
+    with pytest.raises(GeobenchPickleError, match="collections.Counter.*attrs.h5"):
+        decode_attr_pickle(str(pickle.dumps({"label": collections.Counter()})), "attrs.h5")
+    # plain data, numpy arrays and datetimes are fine
+    ok = decode_attr_pickle(str(pickle.dumps({"label": np.arange(3), "n": np.float32(2.5)})), "ok.h5")
+    assert ok["label"].tolist() == [0, 1, 2] and float(ok["n"]) == 2.5
+    with pytest.raises(GeobenchPickleError, match="builtins.eval"):
+        safe_loads(pickle.dumps(eval), "task_specs.pkl")
+
+
+def test_geobench_missing_env_and_folders(geobench_dir, monkeypatch, tmp_path):
+    monkeypatch.delenv("GEO_BENCH_DIR", raising=False)
+    with pytest.raises(EnvironmentError, match="GEO_BENCH_DIR"):
+        GeobenchDataset("m-eurosat")
+    monkeypatch.setenv("GEO_BENCH_DIR", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="GEO_BENCH_DIR.*nope"):
+        GeobenchDataset("m-eurosat")
+    monkeypatch.setenv("GEO_BENCH_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="classification_v1.0/m-eurosat"):
+        GeobenchDataset("m-eurosat")
+
+
+def test_resisc45(tmp_path, monkeypatch):
+    from dinov2.data.datasets.resisc45 import CLASSES, RESISC45
+
+    write_resisc45(tmp_path)
+    ds = RESISC45(str(tmp_path), split="train")
+    assert len(ds) == 12 and ds.num_classes == 45
+    x, y = ds[0]
+    assert x["imgs"].shape == (3, 32, 32) and x["chn_ids"].tolist() == [664, 559, 492]
+    assert CLASSES[y] == "airplane"
+    assert sorted({ds[i][1] for i in range(len(ds))}) == [CLASSES.index(c) for c in ("airplane", "beach", "forest")]
+    raw = RESISC45(str(tmp_path), split="test", normalize=False)[0][0]["imgs"]
+    assert 0 <= raw.min() and raw.max() <= 1
+    with pytest.raises(FileNotFoundError, match="missing_root"):
+        RESISC45(str(tmp_path / "missing_root"))
+    monkeypatch.delenv("RDIR", raising=False)
+    with pytest.raises(EnvironmentError, match="RDIR"):
+        RESISC45()
+
+
+def test_benv2_channel_order_and_labels(tmp_path):
+    from dinov2.data.datasets.benv2 import LABELS_19, BigEarthNetv2
+
+    write_benv2(tmp_path, {"train": 2, "validation": 1, "test": 1}, vv=-10.0, vh=-20.0)
+    s1 = BigEarthNetv2(str(tmp_path), split="train", bands="s1")
+    x, y = s1[0]
+    assert x["chn_ids"].tolist() == [-1, -2]  # VV, VH — the published reader had the data as VH, VV (§9.7)
+    vv_norm = (-10.0 - (-12.6439)) / 5.1335
+    vh_norm = (-20.0 - (-19.3526)) / 5.5905
+    assert torch.allclose(x["imgs"][0], torch.full((120, 120), vv_norm), atol=1e-4)
+    assert torch.allclose(x["imgs"][1], torch.full((120, 120), vh_norm), atol=1e-4)
+    assert y.shape == (19,) and y.sum() == 2 and LABELS_19[int(y.nonzero()[0])] in LABELS_19[:3]
+    s2 = BigEarthNetv2(str(tmp_path), split="val", bands="s2")
+    assert len(s2) == 1 and s2[0][0]["imgs"].shape == (12, 120, 120)
+    both = BigEarthNetv2(str(tmp_path), split="test", bands="all")[0][0]
+    assert both["imgs"].shape == (14, 120, 120) and both["chn_ids"][:3].tolist() == [-1, -2, 442]
+    with pytest.raises(ValueError, match="bands must be one of"):
+        BigEarthNetv2(str(tmp_path), bands="rgb")
+    os.remove(tmp_path / "metadata.parquet")
+    with pytest.raises(FileNotFoundError, match="metadata.parquet"):
+        BigEarthNetv2(str(tmp_path))
+
+
+def test_eurosat_sar(tmp_path):
+    from dinov2.data.datasets.eurosat_sar import CLASSES, EurosatSAR
+
+    write_eurosat_sar(tmp_path, {"train": 4, "val": 2, "test": 2})
+    ds = EurosatSAR(str(tmp_path), split="train,val")
+    assert len(ds) == 6 and ds.num_classes == 10
+    x, y = ds[0]
+    assert x["imgs"].shape == (2, 16, 16) and x["chn_ids"].tolist() == [-1, -2]
+    assert CLASSES[y] in ("Forest", "River", "Industrial")
+    with pytest.raises(FileNotFoundError, match="small_train.csv"):
+        EurosatSAR(str(tmp_path), split="small_train")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        EurosatSAR(str(tmp_path / "nowhere"))

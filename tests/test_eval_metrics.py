@@ -1,0 +1,149 @@
+"""Metrics, kNN, linear probes and retrieval on synthetic feature tensors (no backbone)."""
+import pytest
+import torch
+
+from dinov2.eval.features import backbone_to_features
+from dinov2.eval.knn import best_per_metric, few_shot_indices, run_knn
+from dinov2.eval.linear import head_name, train_linear_probes
+from dinov2.eval.metrics import (build_metric, build_metrics, multiclass_accuracy, multilabel_accuracy,
+                                 multilabel_average_precision, multilabel_f1)
+from dinov2.eval.retrieval import check_disjoint, resolve_band_subset, retrieval_metrics
+
+ACC = [{"id": "MulticlassAccuracy", "top_k": 1, "average": "micro"},
+       {"id": "MulticlassAccuracy", "top_k": 1, "average": "macro"}]
+
+
+def blobs(n=400, c=5, d=16, seed=0, spread=3.0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    x = torch.randn(c, d, generator=g)[y] * spread + torch.randn(n, d, generator=g)
+    return x, y
+
+
+def test_metric_key_names():
+    names = [build_metric(c).name for c in [
+        {"id": "MulticlassAccuracy", "top_k": 5, "average": "macro"}, {"id": "MultilabelAccuracy"},
+        {"id": "MultiLabelAveragePrecision", "average": "micro"}, {"id": "MultiLabelF1Score", "average": "micro"}]]
+    assert names == ["acc_top-5_macro", "MulLabAcc_top-1_micro", "MulLabAvergPrec_micro",
+                     "MulLabF1ScoreMacro_micro"]
+    with pytest.raises(ValueError, match="Unknown metric id 'Nope'"):
+        build_metric({"id": "Nope"})
+    with pytest.raises(ValueError, match="Duplicate"):
+        build_metrics([ACC[0], ACC[0]])
+
+
+def test_multiclass_accuracy_exact_values():
+    preds = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1]])
+    target = torch.tensor([0, 2, 2, 1])
+    assert multiclass_accuracy(preds, target) == pytest.approx(0.5)
+    # per class: c0 1/1, c1 0/1, c2 1/2 -> macro 0.5; top-2 hits: all but none missing -> 1.0
+    assert multiclass_accuracy(preds, target, average="macro") == pytest.approx((1 + 0 + 0.5) / 3)
+    assert multiclass_accuracy(preds, target, top_k=2) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="target class ids"):
+        multiclass_accuracy(preds, torch.tensor([0, 1, 2, 3]))
+
+
+def test_multilabel_metrics_exact_values():
+    target = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]]).float()
+    preds = torch.tensor([[0.9, 0.2], [0.4, 0.8], [0.3, 0.7], [0.1, 0.6]])
+    # label 0: ranking 0.9(+),0.4(-),0.3(+),0.1(-) -> AP = (1 + 2/3)/2; label 1: 0.8(+),0.7(+),0.6(-),0.2(-) -> 1
+    assert multilabel_average_precision(preds, target) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    assert multilabel_average_precision(target, target, average="micro") == pytest.approx(1.0)
+    # threshold 0.5: predicted [[1,0],[0,1],[0,1],[0,1]] -> 6/8 correct
+    assert multilabel_accuracy(preds, target) == pytest.approx(6 / 8)
+    # F1 micro: tp 3, fp 1, fn 1 -> 6/8
+    assert multilabel_f1(preds, target, average="micro") == pytest.approx(6 / 8)
+    with pytest.raises(ValueError, match="multilabel target"):
+        multilabel_f1(preds, target[:, :1])
+
+
+def test_knn_separable_vs_shuffled():
+    x, y = blobs()
+    metrics = build_metrics(ACC)
+    res = run_knn(x[:300], y[:300], x[300:], y[300:], metrics, 5, ks=[1, 20])
+    assert res[("full", 20)]["acc_top-1_micro"] > 0.98
+    y_shuf = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+    res = run_knn(x[:300], y_shuf[:300], x[300:], y_shuf[300:], metrics, 5, ks=[20])
+    assert abs(res[("full", 20)]["acc_top-1_micro"] - 0.2) < 0.12
+    best = best_per_metric({("full", 1): {"a": 0.5, "b": 0.9}, ("full", 2): {"a": 0.7, "b": 0.1}})
+    assert best == {"a": (0.7, "('full', 2)"), "b": (0.9, "('full', 1)")}
+
+
+def test_knn_few_shot_and_multilabel():
+    x, y = blobs()
+    idx = few_shot_indices(y, 3, torch.Generator().manual_seed(0))
+    assert len(idx) == 15 and torch.bincount(y[idx]).tolist() == [3] * 5
+    res = run_knn(x[:300], y[:300], x[300:], y[300:], build_metrics(ACC), 5, ks=[5], n_per_class_list=[-1, 2],
+                  n_tries=3)
+    assert set(res) == {("full", 5), ("2", 5)} and res[("2", 5)]["acc_top-1_micro"] > 0.9
+    g = torch.Generator().manual_seed(0)
+    Y = (torch.rand(400, 6, generator=g) < 0.3).float()
+    X = Y @ torch.randn(6, 16, generator=g) * 3 + 0.3 * torch.randn(400, 16, generator=g)
+    ml = build_metrics([{"id": "MultiLabelAveragePrecision", "average": "macro"}, {"id": "MultilabelAccuracy"}])
+    good = run_knn(X[:300], Y[:300], X[300:], Y[300:], ml, 6, ks=[10], multilabel=True)[("full", 10)]
+    bad = run_knn(X[:300], Y[torch.randperm(400, generator=g)][:300], X[300:], Y[300:], ml, 6, ks=[10],
+                  multilabel=True)[("full", 10)]
+    assert good["MulLabAvergPrec_macro"] > 0.9 and bad["MulLabAvergPrec_macro"] < 0.5
+    assert good["MulLabAcc_top-1_micro"] > 0.9
+
+
+def test_linear_probes_separable_vs_shuffled():
+    x, y = blobs(seed=3)
+    metrics = build_metrics(ACC)
+
+    def fit(labels):
+        feats = lambda s: {(1, "cls"): x[s], (1, "avgpool"): torch.cat([x[s], -x[s]], 1)}  # noqa: E731
+        return train_linear_probes((feats(slice(0, 250)), labels[:250]), (feats(slice(250, 320)), labels[250:320]),
+                                   {"test": (feats(slice(320, 400)), labels[320:])}, 5, metrics, [1e-3, 0.1, 1.0],
+                                   epochs=10, batch_size=32)
+
+    out = fit(y)
+    assert out["test"]["test"]["acc_top-1_micro"] > 0.97
+    assert out["best_classifier"] in {head_name(1, p, lr) for p in ("cls", "avgpool") for lr in (1e-3, 0.1, 1.0)}
+    assert len(out["all_val"]) == 6 and out["val_curve"][-1][0] == out["max_iter"]
+    shuffled = fit(y[torch.randperm(400, generator=torch.Generator().manual_seed(5))])
+    assert shuffled["test"]["test"]["acc_top-1_micro"] < 0.4
+    assert head_name(4, "avgpool", 0.0005) == "classifier_4_blocks_pooling_avgpool_lr_0_00050"
+
+
+def test_retrieval_metrics():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(300, 32, generator=g)
+    same = retrieval_metrics(emb, emb * 2.0)
+    assert same["recall@1"] == 100.0 and same["recall@5"] == 100.0 and same["mean_pair_cosine"] == pytest.approx(1)
+    noise = retrieval_metrics(emb, torch.randn(300, 32, generator=g))
+    assert noise["recall@1"] < 3.0 and noise["recall@5"] < 6.0 and abs(noise["mean_pair_cosine"]) < 0.1
+    const = retrieval_metrics(torch.ones(10, 4), torch.ones(10, 4))  # ties never count as hits
+    assert const["recall@1"] == 0.0
+    with pytest.raises(ValueError, match="equal shape"):
+        retrieval_metrics(emb, emb[:5])
+
+
+def test_band_subsets():
+    ids = torch.tensor([442, 492, 559, 664, 704, 827, 1613, -1], dtype=torch.int16)
+    assert resolve_band_subset({"wavelength_nm": [400, 700]}, ids) == [0, 1, 2, 3]
+    assert resolve_band_subset({"wavelength_nm": [701, 2500]}, ids) == [4, 5, 6]
+    assert resolve_band_subset({"wavelength_nm": [-12, -1]}, ids) == [7]
+    assert resolve_band_subset({"channels": [1, 2]}, torch.stack([ids.float(), ids.float()], 1)) == [1, 2]
+    with pytest.raises(ValueError, match="selects no channel"):
+        resolve_band_subset({"wavelength_nm": [3000, 4000]}, ids)
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_band_subset({"channels": [9]}, ids)
+    with pytest.raises(ValueError, match="overlap in channels \\[2\\]"):
+        check_disjoint([1, 2], [2, 3])
+
+
+def test_backbone_to_features_poolings():
+    norm = torch.nn.LayerNorm(8)
+    blocks = [(torch.randn(2, 4, 8), torch.randn(2, 8)) for _ in range(3)]
+    assert backbone_to_features(blocks, 1, "avgpool", norm).shape == (2, 16)
+    assert backbone_to_features(blocks, 3, "avgpool", norm).shape == (2, 32)
+    assert backbone_to_features(blocks, 2, "cls", norm).shape == (2, 16)
+    knn = backbone_to_features(blocks, 1, "knn", norm)
+    assert torch.allclose(knn.norm(dim=1), torch.ones(2))
+    assert torch.allclose(backbone_to_features(blocks, 1, "lin", norm), norm(blocks[-1][1]))
+    assert torch.allclose(backbone_to_features(blocks, 1, "DOFA_globalpool", norm), norm(blocks[-1][0].mean(1)))
+    with pytest.raises(ValueError, match="use_n_blocks=4"):
+        backbone_to_features(blocks, 4, "cls", norm)
+    with pytest.raises(ValueError, match="Unknown pooling"):
+        backbone_to_features(blocks, 1, "max", norm)
