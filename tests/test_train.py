@@ -188,3 +188,25 @@ def test_submitit_launcher_runs_training_in_debug_mode(tmp_path):
                        "optim.epochs=1"])
     assert job.result()["iteration"] == 1
     assert (out / "model_final.pth").exists() and (out / "slurm").is_dir()
+
+
+def test_training_runs_periodic_and_final_evaluation(tmp_path):
+    from eval_fixtures import write_resisc45
+
+    write_resisc45(tmp_path / "resisc45", n_per_class=4)
+    ds = {"id": "resisc45", "root": str(tmp_path / "resisc45"), "transform": [{"id": "Resize", "size": 28}]}
+    task = {"task": {"id": "knn"}, "train_dataset": dict(ds, split="train"), "test_dataset": dict(ds, split="test"),
+            "heads": {"nb_knn": [1]}, "optim": {"dl": {"batch_size": 8, "num_workers": 0}}}
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "r45_knn.yaml").write_text(yaml.safe_dump(task))
+    out = tmp_path / "out"
+    res = main([f"--config-file={write_geotiff_run(tmp_path)}", f"--output-dir={out}", *TINY, "optim.epochs=1",
+                "eval.skip=false", "eval.eval_period_iterations=1", f"eval.config_obj={tmp_path / 'tasks'}",
+                f"eval.final_model.config_obj={tmp_path / 'tasks' / 'r45_knn.yaml'}", "eval.remove_ckpts=true"])
+    assert sorted(res["eval"]["periodic"]) == [0, 1]
+    for it in (0, 1):
+        assert list((out / "eval" / str(it)).rglob("results.csv")), f"no eval results for iteration {it}"
+        assert not (out / "eval" / str(it) / "teacher_checkpoint.pth").exists()  # removed after evaluation
+    final = res["eval"]["final"]
+    assert len(final) == 1 and 0.0 <= next(iter(final.values()))["acc_top-1_micro"] <= 100.0
+    assert list((out / "eval_model_final").rglob("results.csv"))

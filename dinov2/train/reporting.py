@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Optional
 
 from dinov2 import distributed
@@ -125,24 +126,50 @@ def eval_configured(cfg) -> bool:
     return bool(ev) and not bool(ev.get("skip", False)) and bool(ev.get("config_obj"))
 
 
-def run_final_evaluation(cfg, output_dir: str) -> Optional[dict]:
-    """Evaluate `<out>/model_final.pth` with `dinov2.eval.eval.main` (imported lazily) using
-    `eval.final_model` (falls back to `eval.config_obj`); results in `<out>/eval_model_final/`."""
-    if not eval_configured(cfg):
-        return None
+def _eval_kwargs(overwrites) -> dict:
     from omegaconf import OmegaConf
 
-    from dinov2.eval import eval as eval_mod
-
-    final = cfg.eval.get("final_model") or {}
-    config_obj = final.get("config_obj") or cfg.eval.config_obj
-    overwrites = final.get("overwrites") or cfg.eval.get("overwrites") or {}
     if OmegaConf.is_config(overwrites):
         overwrites = OmegaConf.to_container(overwrites, resolve=True)
-    logger.info("evaluating %s with %s", output_dir, config_obj)
-    return eval_mod.main(model_obj=output_dir, config_obj=str(config_obj),
-                         overwrite=bool(final.get("overwrite", cfg.eval.get("overwrite", False))),
-                         **flatten_dotted(overwrites))
+    return flatten_dotted(overwrites or {})
+
+
+def _log_eval_wandb(run, results: dict, prefix: str, step: Optional[int] = None) -> None:
+    if run is None or not results:
+        return
+    flat = {f"{prefix}{task}/{metric}": v for task, metrics in results.items() for metric, v in metrics.items()}
+    run.log(flat, step=step) if step is not None else run.summary.update(flat)
+
+
+def run_evaluations(cfg, output_dir: str, wandb_run=None) -> dict:
+    """Evaluate with `dinov2.eval.eval.main` (imported lazily; called on every rank, it splits tasks over ranks):
+    every periodic teacher checkpoint `<out>/eval/<iter>/teacher_checkpoint.pth` with `eval.config_obj`, then
+    `<out>/model_final.pth` with `eval.final_model` into `<out>/eval_model_final/`. With `eval.remove_ckpts` the
+    teacher checkpoints are deleted once evaluated. Returns `{'periodic': {iter: results}, 'final': results}`."""
+    if not eval_configured(cfg):
+        return {}
+    from dinov2.eval import eval as eval_mod
+
+    ev = cfg.eval
+    out = {"periodic": {}, "final": None}
+    ckpts = sorted(Path(output_dir, "eval").glob("*/teacher_checkpoint.pth"), key=lambda p: int(p.parent.name))
+    for ckpt in ckpts:
+        it = int(ckpt.parent.name)
+        logger.info("evaluating teacher checkpoint %s with %s", ckpt, ev.config_obj)
+        res = eval_mod.main(model_obj=str(ckpt), config_obj=str(ev.config_obj), overwrite=bool(ev.get("overwrite")),
+                            **_eval_kwargs(ev.get("overwrites")))
+        out["periodic"][it] = res
+        _log_eval_wandb(wandb_run, res, "val/", step=it)
+        if bool(ev.get("remove_ckpts", False)) and distributed.is_main_process():
+            ckpt.unlink()
+    final = ev.get("final_model") or {}
+    if final.get("config_obj") and os.path.isfile(os.path.join(output_dir, "model_final.pth")):
+        logger.info("evaluating %s with %s", output_dir, final.config_obj)
+        out["final"] = eval_mod.main(model_obj=output_dir, config_obj=str(final.config_obj),
+                                     overwrite=bool(final.get("overwrite", False)),
+                                     **_eval_kwargs(final.get("overwrites") or ev.get("overwrites")))
+        _log_eval_wandb(wandb_run, out["final"], "final/")
+    return out
 
 
 def flatten_dotted(d: dict, prefix: str = "") -> dict:

@@ -251,9 +251,8 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True, dataset=None) -> dict
         png = reporting.plot_training_curve(metrics_file, os.path.join(out, "training_curve.png"))
         if png:
             logger.info("training curve: %s", png)
-    if wandb_run is not None:
-        wandb_run.finish()
-    return {"iteration": it, "final_checkpoint": final, "last_record": metric_logger.last_record}
+    return {"iteration": it, "final_checkpoint": final, "last_record": metric_logger.last_record,
+            "wandb_run": wandb_run}
 
 
 def build_model(cfg) -> SSLMetaArch:
@@ -281,8 +280,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(cfg)
     result = do_train(cfg, model, resume=args.resume)
-    if reporting.eval_configured(cfg) and distributed.is_main_process() and result["final_checkpoint"]:
-        reporting.run_final_evaluation(cfg, cfg.train.output_dir)
+    del model  # free the training state before evaluation
+    result["eval"] = reporting.run_evaluations(cfg, cfg.train.output_dir, result["wandb_run"])
+    if result.pop("wandb_run") is not None and distributed.is_main_process():
+        import wandb
+
+        wandb.finish()
     if args.fastdevrun and distributed.is_main_process():
         shutil.rmtree(cfg.train.output_dir, ignore_errors=True)
     distributed.barrier()
