@@ -177,6 +177,11 @@ def test_satlas_groups_ids_and_values(env):
     resized = SatlasDataset(metadata_path="${RDIR}/datasets/" + fx.SATLAS_META, keep_sensors=["landsat", "s2"],
                             resize=True)[0]
     assert all(len(v["imgs"]) == 1 and v["imgs"][0].shape[-1] == 32 for v in resized)
+    rgb = SatlasDataset(metadata_path="${RDIR}/datasets/" + fx.SATLAS_META, keep_sensors=["landsat", "s2"],
+                        return_rgb=True, normalize=False)[1]
+    assert sorted(torch.cat(v["chn_ids"]).tolist() for v in rgb) == [[654, 560, 482], [664, 559, 492]]
+    ls_rgb = [v for v in rgb if v["chn_ids"][0][0] == 654][0]["imgs"][0]
+    assert ls_rgb[:, 0, 0].mul(255).round().tolist() == [40.0, 30.0, 20.0]  # fixture b4, b3, b2 values
 
 
 def test_satlas_missing_metadata(env):

@@ -73,7 +73,7 @@ def test_subset_rules():
     a = subset_indices(10, 4, 0)
     assert len(set(a.tolist())) == 4 and a.tolist() == subset_indices(10, 4, 0).tolist()
     assert subset_indices(3, 5, 0).tolist() == [0, 1, 2, 0, 1]
-    assert len(subset_indices(10, 0.25, 0)) == 2  # round(2.5) -> banker's 2
+    assert len(subset_indices(10, 0.25, 0)) == 2 and len(subset_indices(10, 0.01, 0)) == 1
     with pytest.raises(ValueError, match="subset"):
         subset_indices(10, 0, 0)
 
@@ -89,6 +89,9 @@ def test_make_dataset_with_pretrain_augmentation(env):
     assert out["global_crops"][0]["imgs"].shape[-1] == 32
     scenes = make_dataset(_scene_cfg(env), pretrain_augm_cfg=augm)
     assert scenes[0]["global_crops"][1]["imgs"].shape == (13, 32, 32)
+    concat = make_dataset({"id": "ConcatDataset", "datasets": [_scene_cfg(env)],
+                           "pretrain_augm_overwrites": {"global_crops_size": 16}}, pretrain_augm_cfg=augm)
+    assert concat[0]["global_crops"][0]["imgs"].shape[-1] == 16
 
 
 def test_data_loader_workers_open_their_own_handles(env):

@@ -118,3 +118,12 @@ def test_cdir_override(tmp_path, monkeypatch):
     assert sensors.ds_chn_ids("myds").tolist() == [650]
     monkeypatch.delenv("CDIR")
     assert "sentinel2" in sensors.list_sensors()
+
+
+def test_rgb_indices_from_band_names():
+    assert sensors.ds_rgb_indices("fmow_s2") == [3, 2, 1]
+    assert sensors.ds_rgb_indices("fmow_wv23") == [4, 2, 1]
+    assert sensors.ds_rgb_indices("fmow_rgb") == [0, 1, 2]
+    assert sensors.ds_rgb_indices("satlas_landsat") == [3, 2, 1]
+    with pytest.raises(ValueError, match="no band named"):
+        sensors.ds_rgb_indices("mmearth_s1")

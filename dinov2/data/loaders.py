@@ -49,7 +49,7 @@ def subset_indices(n: int, subset: float, seed: int) -> Optional[torch.Tensor]:
     if isinstance(subset, float) and not float(subset).is_integer():
         if not 0.0 < subset < 1.0:
             raise ValueError(f"a fractional subset must be in (0, 1), got {subset}")
-        k = max(int(round(subset * n)), 1)
+        k = max(int(subset * n), 1)
         return torch.multinomial(torch.ones(n), k, replacement=False, generator=gen)
     k = int(subset)
     if k < 1:
@@ -86,7 +86,12 @@ def make_dataset(cfg: Dict[str, Any], pretrain_augm_cfg: Optional[Dict[str, Any]
             raise ValueError("ConcatDataset config needs a non-empty 'datasets' list")
         if cfg:
             raise ValueError(f"unexpected ConcatDataset keys {sorted(cfg)}")
-        parts = [make_dataset(c, pretrain_augm_cfg, seed) for c in children]
+        child_augm = pretrain_augm_cfg
+        if overwrites:  # overwrites at the concatenation level apply to every child's pretraining augmentation
+            if pretrain_augm_cfg is None:
+                raise ValueError("ConcatDataset: pretrain_augm_overwrites given without a pretraining augmentation")
+            child_augm = {**_plain(pretrain_augm_cfg), **_plain(overwrites)}
+        parts = [make_dataset(c, child_augm, seed) for c in children]
         dataset: Dataset = ConcatDatasetTrf(parts, _build_transform(transform_cfg))
     else:
         if pretrain_augm_cfg is not None:

@@ -205,3 +205,12 @@ def ds_band_names(ds_name: str) -> List[str]:
 def ds_band_gsds(ds_name: str) -> List[Optional[float]]:
     """Native GSD in metres (or None) of each band of a dataset, in order."""
     return [b["gsd"] for b in _load_ds_cfg_cached(str(config_root()), str(ds_name))["bands"]]
+
+
+def ds_rgb_indices(ds_name: str) -> List[int]:
+    """Positions of the bands named red, green, blue (in that order) in a dataset's band list."""
+    names = [str(n).lower() for n in ds_band_names(ds_name)]
+    missing = [c for c in ("red", "green", "blue") if c not in names]
+    if missing:
+        raise ValueError(f"dataset config {ds_name!r} has no band named {missing} (bands: {names[:20]})")
+    return [names.index(c) for c in ("red", "green", "blue")]

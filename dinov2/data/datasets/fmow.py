@@ -19,13 +19,12 @@ from torch.utils.data import Dataset
 from dinov2.data.io import (FaultyFileLog, UnreadableFileError, expand_path, read_tiff_chw, require_path,
                             resolve_root, with_retries)
 from dinov2.data.normalize import BandNormalizer, normalizer_from_ds_cfg, to_float_tensor
-from dinov2.data.sensors import ds_chn_ids
+from dinov2.data.sensors import ds_chn_ids, ds_rgb_indices
 from dinov2.data.views import choose_indices, choose_large_enough, make_view
 
 logger = logging.getLogger("dinov2")
 
 SENSOR_DS = {"wv23": "fmow_wv23", "s2": "fmow_s2", "rgb": "fmow_rgb"}
-RGB_IDX = {"s2": [3, 2, 1], "wv23": [4, 2, 1], "rgb": [0, 1, 2]}
 LIST_COLUMNS = ["img_id", "path", "sensor", "gsd", "timestamp", "img_height", "img_width"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 
@@ -95,6 +94,7 @@ class FmowDataset(Dataset):
         self.rows = rows
         logger.info("FmowDataset %s: %d footprints of %d kept", self.meta_path, len(rows), len(df))
         self.chn_ids = {s: ds_chn_ids(SENSOR_DS[s], full_spectra) for s in self.keep_sensors}
+        self.rgb_idx = {s: ds_rgb_indices(SENSOR_DS[s]) for s in self.keep_sensors} if return_rgb else {}
         self.norms: Dict[str, BandNormalizer] = (
             {s: normalizer_from_ds_cfg(SENSOR_DS[s]) for s in self.keep_sensors} if normalize else {})
 
@@ -159,7 +159,7 @@ class FmowDataset(Dataset):
                 sensor = str(row["sensor"][i])
                 x, ids = self.load_image(str(row["path"][i]), sensor), self.chn_ids[sensor]
                 if self.return_rgb:
-                    x, ids = x[RGB_IDX[sensor]], ids[RGB_IDX[sensor]]
+                    x, ids = x[self.rgb_idx[sensor]], ids[self.rgb_idx[sensor]]
                 views.append(make_view([x], [ids.clone()]))
             return views
 

@@ -26,7 +26,6 @@ from dinov2.data.views import choose_indices, make_view
 # modality -> (dataset band config, number of h5 channels)
 MODALITIES = {"sentinel2": ("mmearth_s2", 13), "sentinel1": ("mmearth_s1", 8)}
 MODALITY_MINIMAL_SET1 = {"sentinel2": "all", "sentinel1": "all", "month": "all"}
-MODALITIES_FULL = MODALITY_MINIMAL_SET1  # only the S1/S2 image modalities are used for pretraining
 
 
 class MMEarth(Dataset):
@@ -48,9 +47,9 @@ class MMEarth(Dataset):
         import pandas as pd
 
         if isinstance(modalities, str):
-            if modalities not in ("MODALITY_MINIMAL_SET1", "MODALITIES_FULL"):
-                raise ValueError(f"unknown modality set {modalities!r}; use 'MODALITY_MINIMAL_SET1'")
-            modalities = globals()[modalities]
+            if modalities != "MODALITY_MINIMAL_SET1":
+                raise ValueError(f"unknown modality set {modalities!r}; use 'MODALITY_MINIMAL_SET1' or a dict")
+            modalities = MODALITY_MINIMAL_SET1
         self.modalities = [m for m in dict(modalities) if m in MODALITIES]
         if not self.modalities:
             raise ValueError(f"modalities {list(modalities)} contain none of {list(MODALITIES)}")

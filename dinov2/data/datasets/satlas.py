@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from dinov2.data.io import (FaultyFileLog, LazyHandles, UnreadableFileError, expand_path, open_h5, read_png_chw,
                             require_path, resolve_root, with_retries)
 from dinov2.data.normalize import BandNormalizer, normalizer_from_ds_cfg
-from dinov2.data.sensors import ds_chn_ids
+from dinov2.data.sensors import ds_chn_ids, ds_rgb_indices
 from dinov2.data.views import choose_indices, group_by_shape, make_view
 
 logger = logging.getLogger("dinov2")
@@ -36,7 +36,6 @@ LAYOUT: Dict[str, List[Tuple[str, int]]] = {
     "s1": [("vv", 1), ("vh", 1)],
     "landsat": [(f"b{i}", 1) for i in range(1, 12)],
 }
-RGB_IDX = {"s2": [0, 1, 2], "landsat": [3, 2, 1]}
 SENSOR_DIR = {"s1": "sentinel1", "s2": "sentinel2", "landsat": "landsat"}
 
 
@@ -124,7 +123,7 @@ class SatlasDataset(Dataset):
         norm, ids = self.norms[sensor], self.chn_ids[sensor]
         if self.normalize:
             bands = [(b - norm.mean[i]) / norm.std[i] for i, b in enumerate(bands)]
-        idx = RGB_IDX[sensor] if self.return_rgb else list(range(len(bands)))
+        idx = ds_rgb_indices(SENSOR_DS[sensor]) if self.return_rgb else list(range(len(bands)))
         bands, id_list = [bands[i] for i in idx], [ids[i: i + 1].clone() for i in idx]
         if self.resize:
             size = max((b.shape[-2:] for b in bands), key=lambda s: s[0] * s[1])
