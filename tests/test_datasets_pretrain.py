@@ -184,6 +184,26 @@ def test_satlas_groups_ids_and_values(env):
     assert ls_rgb[:, 0, 0].mul(255).round().tolist() == [40.0, 30.0, 20.0]  # fixture b4, b3, b2 values
 
 
+def test_satlas_hdf5_storage(env, tmp_path):
+    import h5py
+
+    from dinov2.data.datasets.satlas import SatlasDataset
+
+    root = os.path.join(os.environ["RDIR"], "datasets", "satlas")
+    h5_path = str(tmp_path / "satlas.h5")
+    with h5py.File(h5_path, "w") as f:  # PNG bytes keyed by the same relative paths
+        for d, _, files in os.walk(root):
+            for fn in files:
+                if fn.endswith(".png"):
+                    with open(os.path.join(d, fn), "rb") as fh:
+                        f[os.path.relpath(os.path.join(d, fn), root)] = np.frombuffer(fh.read(), np.uint8)
+    kw = dict(metadata_path="${RDIR}/datasets/" + fx.SATLAS_META, keep_sensors=["s2"], num_sens=1)
+    torch.manual_seed(0)
+    from_png = SatlasDataset(**kw)[0]
+    from_h5 = SatlasDataset(hdf5_path=h5_path, **kw)[0]
+    assert torch.equal(from_png[0]["imgs"][0], from_h5[0]["imgs"][0])
+
+
 def test_satlas_missing_metadata(env):
     from dinov2.data.datasets.satlas import SatlasDataset
 
