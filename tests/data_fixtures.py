@@ -34,7 +34,8 @@ def write_fmow(root: str, n_footprints: int = 3, size: int = 40, seed: int = 0,
     rng = np.random.default_rng(seed)
     rows, paths = [], {}
     for f in range(n_footprints):
-        images = entries or [("rgb", size, size + 4), ("wv23", size // 2, size // 2 + 2), ("s2", 12, 12), ("s2", 12, 13)]
+        images = entries or [("rgb", size, size + 4), ("wv23", size // 2, size // 2 + 2), ("s2", 12, 12),
+                             ("s2", 12, 13)]
         rec = {c: [] for c in ("img_id", "path", "sensor", "gsd", "timestamp", "img_height", "img_width")}
         for k, (sensor, h, w) in enumerate(images):
             name = f"airport_{f}_{k}"

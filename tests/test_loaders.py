@@ -3,7 +3,6 @@ DataLoader workers (lazy per-worker handles)."""
 import itertools
 
 import pytest
-import torch
 
 import data_fixtures as fx
 from dinov2.data.loaders import make_data_loader, make_dataset, subset_indices

@@ -40,7 +40,8 @@ class ConcatDatasetTrf(ConcatDataset):
 
 def subset_indices(n: int, subset: float, seed: int) -> Optional[torch.Tensor]:
     """Indices selected by a `subset` value: -1/None -> all (None); float in (0,1) -> that fraction at random;
-    1.0 -> all; int k < n -> k at random (without replacement); int k >= n -> 0..n-1 tiled to length k (super-sampling)."""
+    1.0 -> all; int k < n -> k at random (without replacement); int k >= n -> 0..n-1 tiled to length k
+    (super-sampling)."""
     if subset is None or subset == -1:
         return None
     gen = torch.Generator().manual_seed(int(seed))

@@ -9,8 +9,9 @@ and `label` (eval label; default the scene index). `scenes` may also be the path
 Bands are grouped by native resolution (finest first); every patch covers `patch_size_m` metres on the ground in
 all groups. Patches whose valid-pixel fraction (all bands valid, measured on a decimated read) is below
 `min_valid_fraction` are skipped; the remaining invalid pixels are set to the band mean (0 after normalisation).
-Statistics for normalisation are robust per-band mean/std of the scene itself (decimated read, cached) unless
-given. `split='val'` holds out the eastern `holdout_fraction` of each scene, `'train'` the rest.
+Statistics for normalisation are robust per-band mean/std of the whole scene itself (decimated read over both
+splits, so train and val share one normalisation; cached in memory and in `cache_dir` if given) unless given.
+`split='val'` holds out the eastern `holdout_fraction` of each scene, `'train'` the rest.
 `mode='pretrain'` returns `[view]` (one view per patch; `num_views > 1` repeats it as independent copies for
 augmentations that want several views), `mode='eval'` returns `(x_dict, label)` on one `img_size` grid.
 """
@@ -136,8 +137,9 @@ class GeoTiffScenes(Dataset):
         for i, spec in enumerate(specs):
             scene = self._prepare_scene(i, spec, base_dir, full_spectra)
             origins = patch_origins(scene["groups"], self.patch_m, stride_m, holdout_fraction, split)
-            keep = [(x, y) for x, y in origins if patch_valid_fraction(
-                scene["cell_valid"], *scene["cell_origin"], scene["cell_m"], x, y, self.patch_m) >= min_valid_fraction]
+            valid = [patch_valid_fraction(scene["cell_valid"], *scene["cell_origin"], scene["cell_m"], x, y,
+                                          self.patch_m) for x, y in origins]
+            keep = [o for o, v in zip(origins, valid) if v >= min_valid_fraction]
             scene["n_patches"] = len(keep)
             logger.info("GeoTiffScenes %s: %d of %d %s patches valid", scene["name"], len(keep), len(origins), split)
             self.patches.extend((i, x, y) for x, y in keep)
@@ -149,8 +151,8 @@ class GeoTiffScenes(Dataset):
                              f"{[s['name'] for s in self.scenes]}); lower min_valid_fraction or patch_size_m")
 
     def _prepare_scene(self, idx: int, spec: Dict[str, Any], base_dir: Optional[str], full_spectra: bool):
-        sensor = str(spec["sensor"]).lower() if spec.get("sensor") else spec.get("sensor")
-        channels = _scene_channels(spec, base_dir, idx)
+        channels = _scene_channels(spec, base_dir, idx)  # validates 'sensor' and the band names first
+        sensor = str(spec["sensor"]).lower()
         name = str(spec.get("name", f"scene{idx}_{sensor}"))
         groups: Dict[Tuple, RasterGroup] = {}
         crs, file_nodata = None, None
