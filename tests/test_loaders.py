@@ -3,6 +3,7 @@ DataLoader workers (lazy per-worker handles)."""
 import itertools
 
 import pytest
+import torch
 
 import data_fixtures as fx
 from dinov2.data.loaders import make_data_loader, make_dataset, subset_indices
@@ -77,15 +78,24 @@ def test_subset_rules():
         subset_indices(10, 0, 0)
 
 
-def test_make_dataset_with_pretrain_augmentation(env):
+AUGM = {"id": "PanopticonAugmentation", "global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 2}
+
+
+@pytest.mark.parametrize("name", sorted(CFGS))
+def test_every_dataset_feeds_the_pretrain_augmentation(env, name):
     pytest.importorskip("dinov2.data.augmentations")
-    augm = {"id": "PanopticonAugmentation", "global_crops_size": 32, "local_crops_size": 16,
-            "local_crops_number": 2}
-    ds = make_dataset({**CFGS["MMEarth"], "pretrain_augm_overwrites": {"local_crops_number": 3}},
-                      pretrain_augm_cfg=augm)
+    ds = make_dataset({**CFGS[name], "pretrain_augm_overwrites": {"local_crops_number": 3}}, pretrain_augm_cfg=AUGM)
     out = ds[1]
     assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == 3
-    assert out["global_crops"][0]["imgs"].shape[-1] == 32
+    for crop in out["global_crops"]:
+        assert crop["imgs"].shape == (13, 32, 32) and crop["imgs"].dtype == torch.float32
+        assert crop["chn_ids"].shape[0] == 13 and crop["spec_masks"].shape == (13,)
+        assert torch.isfinite(crop["imgs"]).all()
+
+
+def test_make_dataset_with_pretrain_augmentation(env):
+    pytest.importorskip("dinov2.data.augmentations")
+    augm = AUGM
     scenes = make_dataset(_scene_cfg(env), pretrain_augm_cfg=augm)
     assert scenes[0]["global_crops"][1]["imgs"].shape == (13, 32, 32)
     concat = make_dataset({"id": "ConcatDataset", "datasets": [_scene_cfg(env)],
