@@ -161,13 +161,16 @@ def write_geobench_task(root: Path, task: str, n_per_split: Dict[str, int], n_cl
 
 def _write_sample(path: Path, names, infos, data, label, mask, ds, extra=None) -> None:
     import h5py
+    from affine import Affine
+    from rasterio.crs import CRS
 
     attr = {}
+    crs, transform = CRS.from_epsg(32633), Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0)
     with h5py.File(path, "w") as fp:
         for n, info, band in zip(names, infos, data):
             fp.create_dataset(n, data=band)
             attr[n] = {"band_info": info, "date": date(2020, 6, 1), "spatial_resolution": info.spatial_resolution,
-                       "transform": None, "crs": None, "meta_info": {}, "convert_to_int16": True}
+                       "transform": transform, "crs": crs, "meta_info": {}, "convert_to_int16": True}
         if mask is not None:
             fp.create_dataset("label", data=mask)
             attr["label"] = {"band_info": ds.Mask("label", (), 10.0), "date": None, "spatial_resolution": 10.0,

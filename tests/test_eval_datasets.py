@@ -84,6 +84,22 @@ def test_geobench_refuses_foreign_pickle_classes(geobench_env):
         safe_loads(pickle.dumps(eval), "task_specs.pkl")
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_geobench_unpickler_reads_real_metadata_types(protocol):
+    """Sample attribute dicts hold rasterio CRS, affine transforms, dates and numpy values: all decode safely."""
+    import datetime
+
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    d = {"crs": CRS.from_epsg(32633), "transform": Affine(10, 0, 5, 0, -10, 6), "date": datetime.date(2020, 1, 1),
+         "arr": np.arange(4, dtype=np.int16).reshape(2, 2), "n": np.int64(3), "ids": {1, 2}}
+    out = decode_attr_pickle(str(pickle.dumps(d, protocol=protocol)), "sample.hdf5")
+    assert "32633" in out["crs"].value and tuple(out["transform"])[:6] == (10, 0, 5, 0, -10, 6)
+    assert out["arr"].tolist() == [[0, 1], [2, 3]] and int(out["n"]) == 3 and out["ids"] == {1, 2}
+    assert out["date"] == datetime.date(2020, 1, 1)
+
+
 def test_geobench_missing_env_and_folders(geobench_dir, monkeypatch, tmp_path):
     monkeypatch.delenv("GEO_BENCH_DIR", raising=False)
     with pytest.raises(EnvironmentError, match="GEO_BENCH_DIR"):

@@ -147,3 +147,12 @@ def test_backbone_to_features_poolings():
         backbone_to_features(blocks, 4, "cls", norm)
     with pytest.raises(ValueError, match="Unknown pooling"):
         backbone_to_features(blocks, 1, "max", norm)
+
+
+def test_label_shape_errors():
+    x, y = blobs(n=20)
+    with pytest.raises(ValueError, match="segmentation"):
+        run_knn(x, torch.zeros(20, 4, 4), x, y, build_metrics(ACC), 5)
+    with pytest.raises(ValueError, match=r"multilabel linear probing needs labels of shape \(N, 5\)"):
+        train_linear_probes(({(1, "cls"): x}, y), ({(1, "cls"): x}, y), {}, 5, build_metrics(ACC), [0.1],
+                            multilabel=True)

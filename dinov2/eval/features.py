@@ -74,7 +74,7 @@ def _collate(samples: List) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
             raise ValueError(f"Samples of one batch differ in '{k}' shape {sorted(shapes)}; add a Resize/"
                              "CenterCrop transform to the task config")
     batch = {k: torch.stack([torch.as_tensor(x[k]) for x in xs]) for k in keys}
-    labels = torch.stack([torch.as_tensor(y) for y in ys])
+    labels = torch.stack([torch.as_tensor(-1 if y is None else y) for y in ys])  # label-free samples -> -1
     return batch, labels
 
 

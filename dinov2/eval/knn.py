@@ -22,7 +22,10 @@ def _targets_as_votes(labels: torch.Tensor, num_classes: int, multilabel: bool) 
         if labels.ndim != 2 or labels.shape[1] != num_classes:
             raise ValueError(f"multilabel kNN needs (N, {num_classes}) multi-hot labels, got {tuple(labels.shape)}")
         return (labels > 0.5).float()
-    labels = labels.long().reshape(-1)
+    if labels.ndim != 1:
+        raise ValueError(f"multiclass kNN needs (N,) class labels, got shape {tuple(labels.shape)} (segmentation "
+                         "masks are not supported; multi-hot labels need task.is_multilabel: true)")
+    labels = labels.long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"kNN labels must lie in [0, {num_classes}), got range "
                          f"[{int(labels.min())}, {int(labels.max())}]")

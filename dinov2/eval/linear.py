@@ -99,6 +99,10 @@ def train_linear_probes(train: Tuple[Mapping[FeatKey, torch.Tensor], torch.Tenso
     if not metrics:
         raise ValueError("Linear probing needs at least one validation metric")
     train_feats, train_y = train
+    expected = 2 if multilabel else 1
+    if train_y.ndim != expected or (multilabel and train_y.shape[1] != num_classes):
+        raise ValueError(f"{'multilabel' if multilabel else 'multiclass'} linear probing needs labels of shape "
+                         f"{'(N, %d)' % num_classes if multilabel else '(N,)'}, got {tuple(train_y.shape)}")
     n_train = _check_feats(train_feats, train_y, "train set")
     _check_feats(val[0], val[1], "val set")
     if n_train == 0:

@@ -84,6 +84,9 @@ class CrsRecord(GeobenchRecord):
 
     geobench_class = "CRS"
 
+    def __setstate__(self, state: Any) -> None:  # rasterio pickles a CRS as its WKT string (or a dict)
+        self.__dict__["value"] = state
+
 
 def _crs_from(value: Any) -> CrsRecord:
     rec = CrsRecord()
@@ -98,18 +101,33 @@ def _safe_reconstructor(cls: type, base: type, state: Any):
     return object.__new__(cls)
 
 
+def _latin1_encode(text: Any, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as used by protocol-2 pickles to store bytes; only str -> bytes."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() not in ("latin1", "utf8"):
+        raise GeobenchPickleError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
+    return text.encode(encoding)
+
+
 def _numpy_allowed() -> Dict[tuple, Any]:
+    """numpy array/scalar reconstruction functions under both their numpy 1.x and 2.x module names."""
+    import importlib
+
     allowed: Dict[tuple, Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    try:
-        from numpy.core.multiarray import _reconstruct, scalar  # noqa: F401  (numpy < 2 and >= 2 alias)
-    except ImportError:  # pragma: no cover - numpy >= 2.x without the alias
-        from numpy._core.multiarray import _reconstruct, scalar  # type: ignore
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "_reconstruct")] = _reconstruct
-        allowed[(mod, "scalar")] = scalar
+    for pkg in ("numpy._core", "numpy.core"):  # numpy >= 2 first (numpy.core warns there)
+        try:
+            multiarray = importlib.import_module(f"{pkg}.multiarray")
+            numeric = importlib.import_module(f"{pkg}.numeric")
+            break
+        except ImportError:
+            continue
+    for pkg in ("numpy._core", "numpy.core"):
+        allowed[(f"{pkg}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{pkg}.multiarray", "scalar")] = multiarray.scalar
+        if hasattr(numeric, "_frombuffer"):  # protocol-5 arrays
+            allowed[(f"{pkg}.numeric", "_frombuffer")] = numeric._frombuffer
     for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "Int16DType", "UInt8DType",
                  "UInt16DType", "BoolDType"):
-        if hasattr(np.dtypes, name):
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, name):
             allowed[("numpy.dtypes", name)] = getattr(np.dtypes, name)
     return allowed
 
@@ -122,10 +140,11 @@ class SafeGeobenchUnpickler(pickle.Unpickler):
         ("datetime", "datetime"): __import__("datetime").datetime,
         ("datetime", "timedelta"): __import__("datetime").timedelta,
         ("datetime", "timezone"): __import__("datetime").timezone,
-        ("builtins", "object"): object, ("__builtin__", "object"): object,
+        ("builtins", "object"): object,
         ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex,
         ("collections", "OrderedDict"): __import__("collections").OrderedDict,
-        ("copyreg", "_reconstructor"): _safe_reconstructor, ("copy_reg", "_reconstructor"): _safe_reconstructor,
+        ("copyreg", "_reconstructor"): _safe_reconstructor,
+        ("_codecs", "encode"): _latin1_encode,
         ("affine", "Affine"): AffineRecord,
         ("rasterio.crs", "CRS"): CrsRecord, ("rasterio.crs", "CRS.from_wkt"): _crs_from,
         ("rasterio.crs", "CRS.from_dict"): _crs_from, ("rasterio.crs", "CRS.from_epsg"): _crs_from,
@@ -137,6 +156,7 @@ class SafeGeobenchUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str):
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol-2 names
         if module.split(".")[0] in _GEOBENCH_PACKAGES and name in KNOWN_GEOBENCH_CLASSES:
             return _record_type(name)
         if (module, name) in self._ALLOWED:
