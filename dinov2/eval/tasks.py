@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from dinov2.eval import results as res
-from dinov2.eval.features import extract_features, select_channels
+from dinov2.eval.features import extract_features, resolve_device, select_channels
 from dinov2.eval.knn import best_per_metric, run_knn
 from dinov2.eval.linear import train_linear_probes
 from dinov2.eval.metrics import build_metrics
@@ -174,7 +174,7 @@ def run_linear_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dic
                               [float(lr) for lr in cfg.heads.learning_rates], epochs=float(optim.get("epochs", 2)),
                               batch_size=bs, multilabel=multilabel,
                               criterion=(cfg.task.get("criterion_cfg") or {}).get("id"),
-                              eval_period_iter=int(period), seed=seed, device=str(device or "cpu"))
+                              eval_period_iter=int(period), seed=seed, device=str(resolve_device(device)))
     best = out["best_classifier"]
     rows = []
     for name, vals in out["test"].items():
