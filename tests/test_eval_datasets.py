@@ -80,6 +80,8 @@ def test_geobench_refuses_foreign_pickle_classes(geobench_env):
     # plain data, numpy arrays and datetimes are fine
     ok = decode_attr_pickle(str(pickle.dumps({"label": np.arange(3), "n": np.float32(2.5)})), "ok.h5")
     assert ok["label"].tolist() == [0, 1, 2] and float(ok["n"]) == 2.5
+    with pytest.raises(GeobenchPickleError, match="geobench.dataset.Evil"):  # unknown class even inside geobench
+        safe_loads(b"cgeobench.dataset\nEvil\n.", "task_specs.pkl")
     with pytest.raises(GeobenchPickleError, match="builtins.eval"):
         safe_loads(pickle.dumps(eval), "task_specs.pkl")
 

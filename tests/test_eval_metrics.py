@@ -111,8 +111,10 @@ def test_retrieval_metrics():
     emb = torch.randn(300, 32, generator=g)
     same = retrieval_metrics(emb, emb * 2.0)
     assert same["recall@1"] == 100.0 and same["recall@5"] == 100.0 and same["mean_pair_cosine"] == pytest.approx(1)
+    assert same["median_rank"] == 1.0
     noise = retrieval_metrics(emb, torch.randn(300, 32, generator=g))
     assert noise["recall@1"] < 3.0 and noise["recall@5"] < 6.0 and abs(noise["mean_pair_cosine"]) < 0.1
+    assert 100 < noise["median_rank"] < 200  # chance: about N / 2
     const = retrieval_metrics(torch.ones(10, 4), torch.ones(10, 4))  # ties never count as hits
     assert const["recall@1"] == 0.0
     with pytest.raises(ValueError, match="equal shape"):

@@ -3,7 +3,8 @@ dataset.
 
 Each eval sample is embedded twice, from two disjoint band subsets (e.g. visible vs. NIR/SWIR). For every
 query embedding (subset A) we rank the key embeddings (subset B) of all samples by cosine similarity and count
-how often the same sample is among the top k. Results: ``recall@k`` (in %, chance = k/N·100),
+how often the same sample is among the top k. Results: ``recall@k`` (in %, chance = k/N·100), ``median_rank``
+of the true pair (1 = first, chance ~ N/2),
 ``mean_pair_cosine`` (mean cosine of the true pairs) and ``mean_other_cosine`` (mean cosine of all wrong pairs)
 so the gap between the two is visible, plus ``n_samples``.
 
@@ -74,6 +75,7 @@ def retrieval_metrics(emb_a: torch.Tensor, emb_b: torch.Tensor, ks: Sequence[int
         other_sum += float(sims.sum() - true.sum())
     rank = torch.cat(ranks)
     out = {f"recall@{k}": round(float((rank < k).float().mean()) * 100, 2) for k in ks}
+    out["median_rank"] = float((rank + 1).float().median())  # 1 = the true pair is retrieved first
     out["mean_pair_cosine"] = round(float(torch.cat(pair_cos).mean()), 4)
     out["mean_other_cosine"] = round(other_sum / (n * (n - 1)), 4)
     out["n_samples"] = n
