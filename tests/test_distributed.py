@@ -46,6 +46,20 @@ def test_launcher_environment_parsing(monkeypatch):
         distributed._read_launcher_env()
 
 
+def test_fsdp_mode_is_guarded():
+    from dinov2 import fsdp
+
+    assert fsdp.check_mode("DDP") == "ddp"
+    with pytest.raises(ValueError, match="ddp"):
+        fsdp.check_mode("zero3")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            fsdp.check_mode("fsdp")
+    m = torch.nn.Linear(2, 2)
+    assert fsdp.wrap_ddp(m, torch.device("cpu")) is m  # no process group: nothing to wrap
+    assert not fsdp.is_sharded(m) and fsdp.full_state_dict(m).keys() == m.state_dict().keys()
+
+
 def _worker(out_dir: str, config_file: str, opts: list) -> None:
     """Runs under torchrun: the CLI set-up path, DDP over gloo, then each rank dumps its own weights."""
     from dinov2.train.train import build_model, do_train, get_args_parser, setup

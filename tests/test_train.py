@@ -167,7 +167,9 @@ def test_pretrained_weights_include_exclude_prefix_map(tmp_path):
 def test_cli_on_geotiff_scenes(tmp_path):
     run_yaml = write_geotiff_run(tmp_path)
     out = tmp_path / "out"
-    res = main([f"--config-file={run_yaml}", f"--output_dir={out}", *TINY, "optim.epochs=1"])
+    # W&B requested: used when installed (offline), otherwise a warning and training goes on
+    res = main([f"--config-file={run_yaml}", f"--output_dir={out}", *TINY, "optim.epochs=1", "train.use_wandb=true",
+                "train.wandb_mode=offline"])
     assert res["iteration"] == 1
     for f in ("config.yaml", "model_final.pth", "last_checkpoint", "training_metrics.json", "training_curve.png",
               "logs/log.txt"):
@@ -210,3 +212,11 @@ def test_training_runs_periodic_and_final_evaluation(tmp_path):
     final = res["eval"]["final"]
     assert len(final) == 1 and 0.0 <= next(iter(final.values()))["acc_top-1_micro"] <= 100.0
     assert list((out / "eval_model_final").rglob("results.csv"))
+
+
+def test_fastdevrun_uses_throwaway_subfolder(tmp_path):
+    out = tmp_path / "fdr"
+    res = main(["--fastdevrun", f"--config-file={write_geotiff_run(tmp_path)}", f"--output-dir={out}", *TINY,
+                "eval.skip=true"])
+    assert res["iteration"] == 9  # fastdevrun: 1 epoch of 10 iterations, batch 2, one worker
+    assert out.is_dir() and list(out.iterdir()) == []  # the random sub-folder is deleted at the end

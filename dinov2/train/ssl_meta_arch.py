@@ -11,7 +11,6 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from dinov2 import distributed
 from dinov2 import fsdp as dp
 from dinov2.layers import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
@@ -36,6 +35,22 @@ def _unsupported(cfg) -> None:
         raise ValueError("aux_loss.enable is not supported (PanopticonPE has no auxiliary gating losses)")
     if (cfg.get("optim") or {}).get("repa"):
         raise ValueError("optim.repa is not supported")
+    teacher_w = (cfg.get("teacher") or {}).get("pretrained_weights")
+    if teacher_w and teacher_w != "same_as_student":
+        raise ValueError("teacher.pretrained_weights is not used: the teacher starts as a copy of the student; "
+                         "load weights with MODEL.pretrained_weights (prefix_map '' -> 'teacher.backbone.') instead")
+
+
+def _load_student_weights(backbone: nn.Module, entries) -> None:
+    """`student.pretrained_weights` entries (reference §5.2 format) applied to the student backbone."""
+    from dinov2.utils.checkpoint import load_pretrained_weights
+
+    if hasattr(entries, "_metadata"):  # OmegaConf container
+        from omegaconf import OmegaConf
+
+        entries = OmegaConf.to_container(entries, resolve=True)
+    missing, unexpected = load_pretrained_weights(backbone, list(entries))
+    logger.info("student.pretrained_weights: %d missing, %d unexpected keys", len(missing), len(unexpected))
 
 
 class SSLMetaArch(nn.Module):
@@ -46,6 +61,8 @@ class SSLMetaArch(nn.Module):
         _unsupported(cfg)
         self.cfg = cfg
         student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
+        if cfg.student.get("pretrained_weights"):
+            _load_student_weights(student_backbone, cfg.student.pretrained_weights)
         self.embed_dim = embed_dim
         self.do_dino = float(cfg.dino.loss_weight) > 0
         self.do_koleo = float(cfg.dino.koleo_loss_weight) > 0
@@ -247,6 +264,3 @@ class SSLMetaArch(nn.Module):
                 raise RuntimeError(f"student/teacher {k} have {len(s)} vs {len(t)} parameters")
             torch._foreach_mul_(t, momentum)
             torch._foreach_add_(t, s, alpha=1 - momentum)
-
-    def world_size(self) -> int:
-        return distributed.get_world_size()
