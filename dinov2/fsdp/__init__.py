@@ -26,13 +26,14 @@ def _fully_shard():
     return fully_shard
 
 
-def check_mode(mode: str) -> str:
-    """Validate a `compute_precision.distributed` value; FSDP needs CUDA and a process group."""
+def check_mode(mode: str, allow_cpu: bool = False) -> str:
+    """Validate a `compute_precision.distributed` value; FSDP needs CUDA (unless `allow_cpu`, used by the tests
+    to exercise the sharded code path over gloo) and a process group."""
     mode = str(mode).lower()
     if mode not in MODES:
         raise ValueError(f"compute_precision.distributed must be one of {MODES}, got {mode!r}")
     if mode == "fsdp":
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() and not allow_cpu:
             raise RuntimeError("compute_precision.distributed=fsdp needs CUDA; use ddp on CPU")
         if not distributed.is_enabled():
             raise RuntimeError("compute_precision.distributed=fsdp needs a process group (torchrun or SLURM)")

@@ -115,9 +115,9 @@ class SSLMetaArch(nn.Module):
         self.fp16_scaler = torch.amp.GradScaler("cuda") if self.precision.use_grad_scaler else None
         return self.precision
 
-    def prepare_for_distributed_training(self, mode: str = "ddp") -> None:
+    def prepare_for_distributed_training(self, mode: str = "ddp", allow_cpu_fsdp: bool = False) -> None:
         """Copy student -> teacher and wrap the student modules (DDP, or FSDP2 shards for student and teacher)."""
-        mode = dp.check_mode(mode)
+        mode = dp.check_mode(mode, allow_cpu=allow_cpu_fsdp)
         device = self.device
         if mode == "fsdp":
             dp.broadcast_from_rank0(self.student)
