@@ -257,8 +257,8 @@ def test_shipped_retrieval_demo_task(world, monkeypatch):
     r = res["5min/m-eurosat_retrieval"]
     assert r["n_samples"] == 12 and 0.0 <= r["recall@1"] <= r["recall@5"] <= 100.0
     out = json.loads((world["root"] / "demo_out/5min/m-eurosat_retrieval/results_eval_retrieval.json").read_text())
-    assert out["query_chn_ids"] == [442, 492, 559, 664]
-    assert out["key_chn_ids"] == [704, 740, 782, 827, 864, 945, 1373, 1613, 2203]
+    assert out["band_subsets"] == [{"query_chn_ids": [442, 492, 559, 664], "n_samples": 12,
+                                    "key_chn_ids": [704, 740, 782, 827, 864, 945, 1373, 1613, 2203]}]
 
 
 def test_wandb_summary_entries_without_wandb():
@@ -272,3 +272,22 @@ def test_wandb_summary_entries_without_wandb():
     assert "_sar" not in out  # no key of that group present
     assert set(summary_entries(res, only_avg=True)) == {"_avg", "_rgb", "_ms", "_rgb_ms", "_avg1", "_avg2"}
     assert upload_results(None, res) is False  # no run folder with a wandb/ directory -> nothing to do
+
+
+def test_mixed_sensor_dataset(world, monkeypatch, tmp_path):
+    """A concatenation of sensors with different channel counts/ids runs: samples are grouped by channel ids."""
+    monkeypatch.setenv("GEO_BENCH_DIR", str(world["root"] / "geobench"))
+    write_resisc45(tmp_path / "r45", n_per_class=6)
+    small = [{"id": "Resize", "size": 16}]
+    mixed = {"id": "ConcatDataset", "datasets": [gb("test", transform=small),
+                                                 {"id": "resisc45", "root": str(tmp_path / "r45"), "split": "test",
+                                                  "transform": small}]}
+    cfg = tmp_path / "cfg" / "mixed"
+    write_task(cfg, "retrieval", {"task": {"id": "retrieval", "query_bands": {"channels": [0]},
+                                           "key_bands": {"channels": [1]}},
+                                  "test_dataset": mixed, "optim": {"dl": DL}})
+    res = main(str(world["run"]), str(cfg), output_dir=str(tmp_path / "out"), device="cpu")
+    assert res["mixed/retrieval"]["n_samples"] == 12 + 3
+    subsets = json.loads((tmp_path / "out/mixed/retrieval/results_eval_retrieval.json").read_text())["band_subsets"]
+    assert sorted((s["query_chn_ids"], s["key_chn_ids"], s["n_samples"]) for s in subsets) == [
+        ([442], [492], 12), ([664], [559], 3)]

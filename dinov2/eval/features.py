@@ -65,17 +65,22 @@ def backbone_to_features(blocks: Sequence[BlockOut], use_n_blocks: int, pooling:
     return out.float()
 
 
-def _collate(samples: List) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+def _collate(samples: List) -> Tuple[List[Tuple[List[int], Dict[str, torch.Tensor]]], torch.Tensor]:
+    """Group a batch by image shape and channel ids, so datasets mixing sensors (different channel counts or ids)
+    or image sizes still run; returns ``([(positions in batch, stacked x_dict)], labels)``."""
     xs, ys = zip(*samples)
-    keys = xs[0].keys()
-    for k in keys:
-        shapes = {tuple(torch.as_tensor(x[k]).shape) for x in xs}
-        if len(shapes) > 1:
-            raise ValueError(f"Samples of one batch differ in '{k}' shape {sorted(shapes)}; add a Resize/"
-                             "CenterCrop transform to the task config")
-    batch = {k: torch.stack([torch.as_tensor(x[k]) for x in xs]) for k in keys}
-    labels = torch.stack([torch.as_tensor(-1 if y is None else y) for y in ys])  # label-free samples -> -1
-    return batch, labels
+    groups: Dict[tuple, List[int]] = {}
+    for i, x in enumerate(xs):
+        ids = torch.as_tensor(x["chn_ids"])
+        key = (tuple(x["imgs"].shape), tuple(ids.shape), tuple(ids.reshape(-1).tolist()), tuple(sorted(x)))
+        groups.setdefault(key, []).append(i)
+    batches = [(idx, {k: torch.stack([torch.as_tensor(xs[i][k]) for i in idx]) for k in xs[idx[0]]})
+               for idx in groups.values()]
+    label_list = [torch.as_tensor(-1 if y is None else y) for y in ys]  # label-free samples -> -1
+    shapes = {tuple(t.shape) for t in label_list}
+    if len(shapes) > 1:
+        raise ValueError(f"Labels of one batch differ in shape {sorted(shapes)}")
+    return batches, torch.stack(label_list)
 
 
 def select_channels(x: Dict[str, torch.Tensor], idx: Sequence[int]) -> Dict[str, torch.Tensor]:
@@ -99,8 +104,9 @@ def extract_features(backbone, dataset, feat_specs: Sequence[Tuple[int, str]], b
                      progress: bool = True) -> Tuple[Dict[Tuple[int, str], torch.Tensor], torch.Tensor]:
     """Run ``backbone`` (an ``EvalBackbone``) over ``dataset`` without shuffling.
 
-    Returns ``({(n_blocks, pooling): (N, F) float32 CPU}, labels (N,) or (N, C))``. ``x_transform`` may edit the
-    batched x_dict (e.g. channel selection) before the forward pass.
+    Returns ``({(n_blocks, pooling): (N, F) float32 CPU}, labels (N,) or (N, C))``. ``x_transform`` may edit a
+    batched x_dict (e.g. channel selection) before the forward pass; it is called once per group of samples that
+    share image shape and channel ids.
     """
     from tqdm import tqdm
 
@@ -115,17 +121,27 @@ def extract_features(backbone, dataset, feat_specs: Sequence[Tuple[int, str]], b
                                          pin_memory=dev.type == "cuda")
     feats: Dict[Tuple[int, str], List[torch.Tensor]] = {tuple(s): [] for s in feat_specs}
     labels: List[torch.Tensor] = []
-    for x, y in tqdm(loader, desc=desc, disable=not progress or os.environ.get("PANOPTICON_NO_TQDM") == "1"):
-        if x_transform is not None:
-            x = x_transform(x)
-        x = {k: v.to(dev, non_blocking=True) for k, v in x.items()}
-        with torch.autocast(device_type=dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-            blocks = backbone.last_blocks(x, n_max)
-            for n, pool in feat_specs:
-                f = backbone_to_features(blocks, n, pool, backbone.norm)
-                if not torch.isfinite(f).all():
-                    raise FloatingPointError(f"Non-finite features ({desc}, {n} blocks, {pool}); check the "
-                                             "input normalisation or disable autocast")
-                feats[(n, pool)].append(f.float().cpu())
+    for groups, y in tqdm(loader, desc=desc, disable=not progress or os.environ.get("PANOPTICON_NO_TQDM") == "1"):
+        batch_feats: Dict[Tuple[int, str], List[Tuple[List[int], torch.Tensor]]] = {k: [] for k in feats}
+        for idx, x in groups:
+            if x_transform is not None:
+                x = x_transform(x)
+            x = {k: v.to(dev, non_blocking=True) for k, v in x.items()}
+            with torch.autocast(device_type=dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                blocks = backbone.last_blocks(x, n_max)
+                for n, pool in feat_specs:
+                    f = backbone_to_features(blocks, n, pool, backbone.norm)
+                    if not torch.isfinite(f).all():
+                        raise FloatingPointError(f"Non-finite features ({desc}, {n} blocks, {pool}); check the "
+                                                 "input normalisation or disable autocast")
+                    batch_feats[(n, pool)].append((idx, f.float().cpu()))
+        for key, parts in batch_feats.items():
+            dims = {p.shape[1] for _, p in parts}
+            if len(dims) > 1:
+                raise ValueError(f"Feature sizes differ within a batch ({sorted(dims)})")
+            out = torch.empty(len(y), dims.pop())
+            for idx, part in parts:
+                out[idx] = part
+            feats[key].append(out)
         labels.append(y)
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)

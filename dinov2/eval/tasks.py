@@ -200,27 +200,34 @@ def run_retrieval_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> 
     ds = build_dataset(cfg.test_dataset, seed)
     b2f = cfg.task.get("backbone_to_features", {})
     spec = (int(b2f.get("use_n_blocks", 1)), str(b2f.get("pooling", "knn")))
-    chn_ids = torch.as_tensor(ds[0][0]["chn_ids"])
-    idx_a = resolve_band_subset(_plain(cfg.task.query_bands), chn_ids, "query_bands")
-    idx_b = resolve_band_subset(_plain(cfg.task.key_bands), chn_ids, "key_bands")
-    check_disjoint(idx_a, idx_b)
+    query_spec, key_spec = _plain(cfg.task.query_bands), _plain(cfg.task.key_bands)
+    seen: Dict[Tuple[tuple, tuple], int] = {}  # (query ids, key ids) -> number of samples (mixed sensors)
 
-    def subset(idx):
-        def fn(x):
-            if not bool((x["chn_ids"] == chn_ids.to(x["chn_ids"].dtype)).all()):
-                raise ValueError("Retrieval needs every sample to share the channel ids of the first sample")
-            return select_channels(x, idx)
+    def subset(which: str):
+        def fn(x):  # one group of samples sharing channel ids
+            ids = x["chn_ids"][0]
+            idx_a = resolve_band_subset(query_spec, ids, "query_bands")
+            idx_b = resolve_band_subset(key_spec, ids, "key_bands")
+            check_disjoint(idx_a, idx_b)
+            if which == "query":
+                flat = ids[..., 0] if ids.ndim == 2 else ids
+                pair = (tuple(flat[idx_a].tolist()), tuple(flat[idx_b].tolist()))
+                seen[pair] = seen.get(pair, 0) + x["imgs"].shape[0]
+            return select_channels(x, idx_a if which == "query" else idx_b)
         return fn
 
-    fa, _ = _extract(backbone, ds, [spec], cfg, device, "retrieval query", subset(idx_a))
-    fb, _ = _extract(backbone, ds, [spec], cfg, device, "retrieval key", subset(idx_b))
+    fa, _ = _extract(backbone, ds, [spec], cfg, device, "retrieval query", subset("query"))
+    fb, _ = _extract(backbone, ds, [spec], cfg, device, "retrieval key", subset("key"))
     ks = [int(k) for k in cfg.task.get("ks", [1, 5])]
     out = retrieval_metrics(fa[spec], fb[spec], ks)
-    ids = chn_ids[..., 0] if chn_ids.ndim == 2 else chn_ids
-    out_json = dict(out, query_chn_ids=ids[idx_a].tolist(), key_chn_ids=ids[idx_b].tolist(),
-                    chance_recall_at_1=round(100.0 / out["n_samples"], 2))
-    res.write_json(task_dir / "results_eval_retrieval.json", out_json)
-    rows = [(m, v, f"query={ids[idx_a].tolist()} key={ids[idx_b].tolist()}") for m, v in out.items()]
+    subsets = [{"query_chn_ids": list(q), "key_chn_ids": list(k), "n_samples": n} for (q, k), n in seen.items()]
+    res.write_json(task_dir / "results_eval_retrieval.json",
+                   dict(out, band_subsets=subsets, chance_recall_at_1=round(100.0 / out["n_samples"], 2)))
+    first = subsets[0]
+    note = f"query={first['query_chn_ids']} key={first['key_chn_ids']}"
+    if len(subsets) > 1:
+        note += f" (+{len(subsets) - 1} other sensor band sets)"
+    rows = [(m, v, note) for m, v in out.items()]
     res.write_task_csv(task_dir, rows)
     res.plot_task(task_dir / "plots.png", f"cross-band retrieval {task_dir.name}",
                   bars={m: v for m, v in out.items() if m.startswith("recall@")})
