@@ -66,10 +66,15 @@ def load_env() -> None:
     os.environ.setdefault("CDIR", str(CONFIG_DIR))
 
 
+_FREE_FORM = ("pe_args", "dataset", "pretrain_augm", "overwrites", "pretrained_weights")
+
+
 def _warn_unknown_overrides(base: DictConfig, overrides: Sequence[str]) -> None:
     for ov in overrides:
         key = ov.split("=", 1)[0].lstrip("+")
         parent, _, leaf = key.rpartition(".")
+        if any(part in _FREE_FORM for part in parent.split(".")):
+            continue  # constructor kwargs: any key is legitimate
         node = OmegaConf.select(base, parent) if parent else base
         if not isinstance(node, DictConfig) or leaf not in node:
             logger.warning("override %r sets a key that the defaults and config file do not define", key)
