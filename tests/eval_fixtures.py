@@ -216,8 +216,9 @@ def _write_tif(path: Path, arr: np.ndarray) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     res = 1200.0 / arr.shape[0]
+    transform = Affine(res, 0.0, 500000.0, 0.0, -res, 5000000.0)
     with rasterio.open(path, "w", driver="GTiff", height=arr.shape[0], width=arr.shape[1], count=1,
-                       dtype=arr.dtype, crs="EPSG:32633", transform=Affine(res, 0.0, 500000.0, 0.0, -res, 5000000.0)) as dst:
+                       dtype=arr.dtype, crs="EPSG:32633", transform=transform) as dst:
         dst.write(arr, 1)
 
 
