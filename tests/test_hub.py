@@ -31,6 +31,19 @@ def test_published_configuration_matches_reference_state_dict():
     assert blocks[0][0].shape == (1, 256, 768) and blocks[0][1].shape == (1, 768)
 
 
+def test_panopticon_file_roundtrip_strict(tmp_path):
+    """A teacher file saved from one model loads strictly through hubconf into another; outputs match."""
+    src = hubconf.panopticon_vitb14(pretrained=False)
+    path = tmp_path / "panopticon_vitb14_teacher.pth"
+    torch.save(src.state_dict(), path)
+    torch.manual_seed(123)
+    dst = hubconf.panopticon_vitb14(weights=str(path))
+    x = {"imgs": torch.randn(1, 4, 70, 84), "chn_ids": torch.tensor([[664, 559, -1, 1613]])}
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
+    del src, dst
+
+
 def test_dinov2_backbones_build():
     model = hubconf.dinov2_vits14(pretrained=False)
     assert model.pos_embed.shape == (1, 1370, 384)
