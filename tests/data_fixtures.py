@@ -1,4 +1,5 @@
-"""Fixture writers: tiny copies of the real on-disk layouts of the pretraining datasets.
+"""Fixture writers: tiny copies of the real on-disk layouts of the pretraining datasets (and of the SpectralEarth
+CORINE downstream task, which shares the SpectralEarth reader).
 
 Each writer creates files exactly as the public releases lay them out (parquet with list columns, HDF5, PNG tiles,
 TIFF patches, georeferenced GeoTIFFs) under a given directory and returns what a test needs to know about them.
@@ -155,6 +156,44 @@ def write_spectral_earth(root: str, n: int = 3, size: int = 8, n_bands: int = 20
     with open(split, "w") as fh:
         fh.write("\n".join(rels) + "\n")
     return {"rels": rels, "arrays": arrays, "split": split}
+
+
+CORINE_DIR = "spectral_earth/spectral_earth_downstream_datasets/enmap_corine"
+
+
+def write_spectral_earth_corine(root: str, codes_per_split: Dict[str, Sequence[Sequence[int]]], size: int = 8,
+                                n_bands: int = 202, seed: int = 0) -> Dict:
+    """SpectralEarth CORINE task: 202-band int16 HWC EnMAP patches under `<CORINE_DIR>/enmap/<tile>/<patch>.tif`,
+    uint16 CLC code rasters under `<CORINE_DIR>/corine/<same relpath>` and split lists
+    `spectral_earth/splits/corine/<split>.txt`. Patch k of a split carries the CLC codes `codes_per_split[split][k]`
+    as horizontal stripes; its pixels are a smooth spectrum plus one seeded spatial pattern per code, so patches
+    with different codes differ. Returns `{split: [(relpath, codes, image array HWC), ...]}`."""
+    rng = np.random.default_rng(seed)
+    spectrum = np.linspace(1500, 4500, n_bands)[None, None, :]
+    out: Dict[str, List] = {}
+    for split, patches in codes_per_split.items():
+        rels = []
+        for k, codes in enumerate(patches):
+            codes = [int(c) for c in codes]
+            if not codes:
+                raise ValueError("every fixture patch needs at least one CLC code")
+            rel = f"T{k % 2}/{split}_{k:03d}.tif"
+            label = np.zeros((size, size), np.uint16)
+            for i, c in enumerate(codes):  # stripes of equal height, the last one takes the remainder
+                label[i * size // len(codes):] = c
+            img = spectrum + 50 * rng.normal(size=(size, size, n_bands))
+            for c in codes:
+                img += 1500 * np.random.default_rng(1000 + c).normal(size=(size, size, 1))
+            img = np.clip(img, 0, 10000).astype(np.int16)
+            _write_tiff_hwc(os.path.join(root, CORINE_DIR, "enmap", rel), img)
+            _write_tiff_hwc(os.path.join(root, CORINE_DIR, "corine", rel), label)
+            rels.append((rel, codes, img))
+        split_file = os.path.join(root, "spectral_earth", "splits", "corine", f"{split}.txt")
+        os.makedirs(os.path.dirname(split_file), exist_ok=True)
+        with open(split_file, "w") as fh:
+            fh.write("\n".join(r for r, _, _ in rels) + "\n")
+        out[split] = rels
+    return out
 
 
 def write_geotiff(path: str, arr: np.ndarray, left: float, top: float, res: float, epsg: int = 32632,

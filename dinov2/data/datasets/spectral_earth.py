@@ -1,10 +1,14 @@
-"""SpectralEarthDataset: EnMAP hyperspectral patches (202 bands) for pretraining (reference §2.5).
+"""SpectralEarthDataset: EnMAP hyperspectral patches (202 bands), pretraining and the CORINE task (reference §2.5).
 
-Layout: split lists `<root>/spectral_earth/splits/<task_dir>/<split>.txt` (one relative TIFF path per line),
-images under `<root>/spectral_earth/enmap/` (HWC TIFFs, 202 bands, 128x128). Normalisation: clamp to
-[0, 10000], divide by 10000, then per-band z-score. The published per-band constants are not part of this
-repository; the statistics are given as `band_stats={'mean': [...], 'std': [...]}` (or a JSON path) or computed
-robustly from a sample of training patches and cached in `<splits dir>/band_stats.json`.
+Layout: split lists `<root>/spectral_earth/splits/<task_dir>/<split>.txt` (one relative TIFF path per line);
+`task_dir='enmap'` (pretraining) reads images under `<root>/spectral_earth/enmap/`; `task_dir='corine'` reads
+images under `<root>/spectral_earth/spectral_earth_downstream_datasets/enmap_corine/enmap/` and CORINE Land Cover
+label rasters under `.../enmap_corine/corine/` with the same relative path. Images are HWC TIFFs (202 bands,
+128x128). Normalisation: clamp to [0, 10000], divide by 10000, then per-band z-score. The published per-band
+constants are not part of this repository; the statistics are given as `band_stats={'mean': [...], 'std': [...]}`
+(or a JSON path) or computed robustly from a sample of training patches and cached in
+`<splits dir>/band_stats.json` (a downstream task reuses the pretraining cache `splits/enmap/band_stats.json`
+when it has none of its own, so the probe sees the pretraining normalisation).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dinov2.data.datasets.corine_labels import load_corine_nomenclature, raster_codes
 from dinov2.data.io import FaultyFileLog, read_tiff_chw, require_path, resolve_root, with_retries
 from dinov2.data.normalize import BandNormalizer, robust_band_stats, to_float_tensor
 from dinov2.data.sensors import ds_chn_ids
@@ -26,10 +31,21 @@ logger = logging.getLogger("dinov2")
 RGB_IDX = [43, 28, 10]
 N_BANDS = 202
 SCALE = 10000.0
+PRETRAIN_TASK = "enmap"
+# task_dir -> folder of its images (and of its label rasters) below `<root>/spectral_earth`
+TASK_DIRS = {
+    PRETRAIN_TASK: ("enmap", None),
+    "corine": ("spectral_earth_downstream_datasets/enmap_corine/enmap",
+               "spectral_earth_downstream_datasets/enmap_corine/corine"),
+}
 
 
 class SpectralEarthDataset(Dataset):
-    """Single-view hyperspectral samples `[{'imgs': [(202,H,W)], 'chn_ids': [(202,)]}]`."""
+    """EnMAP patches. `task_dir='enmap'`: single-view pretraining samples `[{'imgs': [(202,H,W)],
+    'chn_ids': [(202,)]}]`. `task_dir='corine'`: eval samples `({'imgs': (202,H,W), 'chn_ids': (202,)}, label)`,
+    label = the CLC code raster `(H,W)` int64, or with `return_multilabel` the `(19,)` int64 multi-hot of the
+    BigEarthNet-19 classes its codes map to (`num_classes = 19`). The transform applies to the pretraining sample
+    resp. to the eval x_dict."""
 
     def __init__(
         self,
@@ -46,17 +62,29 @@ class SpectralEarthDataset(Dataset):
         band_stats: Union[None, str, Dict[str, Sequence[float]]] = None,
         stats_num_samples: int = 64,
         max_tries_load_img: int = 3,
+        return_multilabel: bool = False,
+        display_name: Optional[str] = None,
     ):
         split = "train" if split is None else split
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train/val/test, got {split!r}")
-        if task_dir != "enmap":
-            raise ValueError(f"task_dir {task_dir!r} is not supported by this pretraining reader; supported: 'enmap'")
+        if task_dir not in TASK_DIRS:
+            raise ValueError(f"SpectralEarth task_dir {task_dir!r} is unknown; valid: {', '.join(TASK_DIRS)}")
+        if return_multilabel and task_dir == PRETRAIN_TASK:
+            raise ValueError("return_multilabel needs a labelled task_dir (e.g. 'corine'), not the pretraining 'enmap'")
         if return_rgb and return_chns_by_id is not None:
             raise ValueError("give either return_rgb or return_chns_by_id, not both")
         self.root = resolve_root(root, "SpectralEarth root")
-        self.img_dir = os.path.join(self.root, "spectral_earth", "enmap")
+        img_rel, label_rel = TASK_DIRS[task_dir]
+        self.task_dir = task_dir
+        self.img_dir = os.path.join(self.root, "spectral_earth", img_rel)
+        self.label_dir = None if label_rel is None else os.path.join(self.root, "spectral_earth", label_rel)
         self.split_dir = os.path.join(self.root, "spectral_earth", "splits", task_dir)
+        self.display_name = display_name or f"spectral_earth-{task_dir}"
+        self.return_multilabel = return_multilabel
+        self.nomenclature = load_corine_nomenclature() if self.label_dir is not None else None
+        if self.nomenclature is not None:
+            self.num_classes = self.nomenclature.num_classes
         if build_dataset:
             self.build_split_file(os.path.join(self.split_dir, "train.txt"))
         self.split_file = require_path(os.path.join(self.split_dir, f"{split}.txt"), "SpectralEarth split list")
@@ -86,8 +114,8 @@ class SpectralEarthDataset(Dataset):
         return rels
 
     def build_split_file(self, out_path: str) -> None:
-        """Write every `*.tif` under the enmap folder (relative paths) to `out_path`."""
-        require_path(self.img_dir, "SpectralEarth enmap folder")
+        """Write every `*.tif` under the task's image folder (relative paths) to `out_path`."""
+        require_path(self.img_dir, f"SpectralEarth {self.task_dir} image folder")
         rels = sorted(os.path.relpath(os.path.join(d, f), self.img_dir)
                       for d, _, fs in os.walk(self.img_dir) for f in fs if f.endswith(".tif"))
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
@@ -96,8 +124,10 @@ class SpectralEarthDataset(Dataset):
 
     def _load_stats(self, band_stats, n_samples: int) -> BandNormalizer:
         cache = os.path.join(self.split_dir, "band_stats.json")
-        if band_stats is None and os.path.exists(cache):
-            band_stats = cache
+        pretrain_cache = os.path.join(os.path.dirname(self.split_dir), PRETRAIN_TASK, "band_stats.json")
+        for candidate in (cache, pretrain_cache):
+            if band_stats is None and os.path.exists(candidate):
+                band_stats = candidate
         if isinstance(band_stats, str):
             with open(band_stats) as fh:
                 band_stats = json.load(fh)
@@ -149,8 +179,30 @@ class SpectralEarthDataset(Dataset):
             x.mul_(self._scale).sub_(self._shift)
         return x if self.chn_idx is None else x[self.chn_idx]
 
+    def load_label(self, idx: int) -> torch.Tensor:
+        """The label of one patch: CLC code raster `(H,W)` or, with `return_multilabel`, the 19-dim multi-hot."""
+        if self.label_dir is None:
+            raise ValueError(f"SpectralEarth task_dir {self.task_dir!r} has no labels")
+        path = os.path.join(self.label_dir, self.relpaths[idx])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"SpectralEarth {self.task_dir} label raster {path} does not exist")
+        arr = read_tiff_chw(path)
+        if arr.shape[0] != 1:
+            raise ValueError(f"SpectralEarth label raster {path} has {arr.shape[0]} bands, expected 1")
+        if not self.return_multilabel:
+            return torch.from_numpy(arr[0].astype(np.int64))
+        return self.nomenclature.multihot(raster_codes(arr).tolist())
+
+    def _eval_sample(self, idx: int):
+        x_dict = {"imgs": self.load(idx), "chn_ids": self.chn_ids.clone()}
+        label = self.load_label(idx)
+        return (self.transform(x_dict) if self.transform is not None else x_dict), label
+
     def __getitem__(self, idx: int):
         # a single-view sample has nothing to re-draw: the retries re-read the same file
+        what = f"SpectralEarth patch {self.relpaths[idx]}"
+        if self.label_dir is not None:
+            return with_retries(lambda _a: self._eval_sample(idx), self.max_tries, self.faulty, what)
         sample = with_retries(lambda _a: [make_view([self.load(idx)], [self.chn_ids.clone()])], self.max_tries,
-                              self.faulty, f"SpectralEarth patch {self.relpaths[idx]}")
+                              self.faulty, what)
         return self.transform(sample) if self.transform is not None else sample
