@@ -1,7 +1,8 @@
 """Evaluation CLI (python-fire), also callable from Python (training calls ``main``).
 
     python dinov2/eval/eval.py main --model-obj="<run dir | .pth>[;...]" --config-obj="<yaml | dir>[;...]" \
-        [--output-dir=DIR] [--overwrite] [--device=cpu|cuda] [--use-wandb] [--optim.epochs=1 ...]
+        [--output-dir=DIR] [--overwrite] [--device=cpu|cuda] [--use-wandb] [--log-file=PATH] \
+        [--distribute=runs|models] [--barrier] [--optim.epochs=1 ...]
 
 Model objects: see ``dinov2.eval.model_loading``. Config objects: ``;``-separated yaml files / folders / globs;
 each yaml (recursively, ``defaults/`` excluded) is a task named by its path relative to ``$CDIR/eval`` without
@@ -11,7 +12,11 @@ config paths merged into every task. A task whose ``results.csv`` exists is skip
 Outputs per task folder: ``config.yaml``, ``results.csv``, ``results_eval_<type>.json``, ``plots.png``; the
 ``results.csv``/``results.txt`` of every folder level above are re-aggregated after each model. Runs in a single
 process on CPU or GPU without any process group; if torch.distributed is initialised, (model, task) pairs are
-split round-robin over the ranks. Weights & Biases is optional (``--use-wandb``; imported only then).
+split over the ranks (``--distribute=runs``: round-robin over all pairs; ``models``: whole models round-robin, see
+``assign_pairs``). ``--barrier``: every rank waits until all (model, task) ``results.csv`` exist (polling every 5 s,
+optionally up to ``--barrier-timeout`` seconds) before the collective barrier. ``--log-file``: the 'dinov2' log
+of the whole call is appended there too (besides each model's ``<output dir>/log``). Weights & Biases is optional
+(``--use-wandb``; imported only then).
 """
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ import glob
 import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 if __name__ == "__main__" and __package__ is None:  # `python dinov2/eval/eval.py` from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -30,6 +36,7 @@ from dinov2.eval.model_loading import ModelSpec, build_eval_backbone, resolve_mo
 from dinov2.eval.tasks import build_task_cfg, eval_config_root, run_task  # noqa: E402
 
 logger = logging.getLogger("dinov2")
+DISTRIBUTE_MODES = ("runs", "models")
 
 
 def resolve_config_objs(config_obj: str) -> List[Tuple[str, Path]]:
@@ -64,8 +71,41 @@ def _dist_info() -> Tuple[int, int]:
     return 0, 1
 
 
+def assign_pairs(n_models: int, n_tasks: int, world: int, mode: str = "runs") -> List[List[Tuple[int, int]]]:
+    """The ``(model index, task index)`` pairs each rank evaluates, one list per rank.
+
+    ``runs``: the pairs in model-major order dealt round-robin over the ranks (balances many tasks of few models);
+    ``models``: model ``m`` with all its tasks goes to rank ``m % world`` (each rank loads only its backbones).
+    """
+    if mode not in DISTRIBUTE_MODES:
+        raise ValueError(f"distribute must be one of {', '.join(DISTRIBUTE_MODES)}; got {mode!r}")
+    if world < 1 or n_models < 0 or n_tasks < 0:
+        raise ValueError(f"invalid split: {n_models} models x {n_tasks} tasks over world size {world}")
+    per_rank: List[List[Tuple[int, int]]] = [[] for _ in range(world)]
+    for m in range(n_models):
+        for t in range(n_tasks):
+            r = (m * n_tasks + t) % world if mode == "runs" else m % world
+            per_rank[r].append((m, t))
+    return per_rank
+
+
+def wait_for_results(paths: Sequence[Path], poll_s: float = 5.0, timeout_s: Optional[float] = None) -> None:
+    """Block until every file in ``paths`` exists; after ``timeout_s`` seconds raise naming the missing ones."""
+    start = time.monotonic()
+    while True:
+        missing = [p for p in paths if not Path(p).is_file()]
+        if not missing:
+            return
+        waited = time.monotonic() - start
+        if timeout_s is not None and waited >= timeout_s:
+            shown = ", ".join(map(str, missing[:5])) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            raise TimeoutError(f"barrier: {len(missing)} results.csv still missing after {waited:.0f} s: {shown}")
+        logger.info("barrier: waiting for %d results.csv (e.g. %s)", len(missing), missing[0])
+        time.sleep(poll_s if timeout_s is None else max(0.0, min(poll_s, timeout_s - waited)))
+
+
 class _LogToFile:
-    """Append the 'dinov2' logger to ``<output_dir>/log`` while a model is evaluated."""
+    """Append the 'dinov2' logger to a file (``<output_dir>/log`` while a model is evaluated)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -86,13 +126,17 @@ class _LogToFile:
 
 def evaluate_model(spec: ModelSpec, tasks: List[Tuple[str, Path]], output_dir: Path, overwrite: bool = False,
                    overrides: Optional[Dict[str, Any]] = None, device: Optional[str] = None,
-                   rank: int = 0, world: int = 1, offset: int = 0) -> Dict[str, Dict[str, float]]:
-    """Run (or reuse) every task for one model; returns ``{task relpath: {metric: value}}``."""
+                   task_indices: Optional[Sequence[int]] = None) -> Dict[str, Dict[str, float]]:
+    """Run (or reuse) the tasks of one model (those in ``task_indices``, default all); returns
+    ``{task relpath: {metric: value}}``."""
     out: Dict[str, Dict[str, float]] = {}
     backbone = None
+    wanted = set(range(len(tasks)) if task_indices is None else task_indices)
+    if not wanted:
+        return out
     with _LogToFile(output_dir / "log"):
         for i, (rel, path) in enumerate(tasks):
-            if (offset + i) % world != rank:
+            if i not in wanted:
                 continue
             task_dir = output_dir / rel
             if (task_dir / "results.csv").is_file() and not overwrite:
@@ -117,12 +161,25 @@ def _upload_wandb(spec: ModelSpec, results: Dict[str, Dict[str, float]], mode: s
 
 def main(model_obj: str, config_obj: Optional[str] = None, output_dir: Optional[str] = None,
          overwrite: bool = False, device: Optional[str] = None, use_wandb: bool = False, wandb_mode: str = "api",
-         only_avg: bool = False, **overrides) -> Dict[str, Any]:
+         only_avg: bool = False, log_file: Optional[str] = None, distribute: str = "runs", barrier: bool = False,
+         barrier_timeout: Optional[float] = None, **overrides) -> Dict[str, Any]:
     """Evaluate models on tasks.
 
     Returns ``{task relpath: {metric: value}}`` when ``model_obj`` resolves to one model (the training case),
     else ``{model output dir: {task relpath: {metric: value}}}``.
     """
+    if distribute not in DISTRIBUTE_MODES:
+        raise ValueError(f"distribute must be one of {', '.join(DISTRIBUTE_MODES)}; got {distribute!r}")
+    if log_file is None:
+        return _main(model_obj, config_obj, output_dir, overwrite, device, use_wandb, wandb_mode, only_avg,
+                     distribute, barrier, barrier_timeout, overrides)
+    with _LogToFile(Path(os.path.expanduser(str(log_file)))):
+        return _main(model_obj, config_obj, output_dir, overwrite, device, use_wandb, wandb_mode, only_avg,
+                     distribute, barrier, barrier_timeout, overrides)
+
+
+def _main(model_obj, config_obj, output_dir, overwrite, device, use_wandb, wandb_mode, only_avg, distribute,
+          barrier, barrier_timeout, overrides) -> Dict[str, Any]:
     from dotenv import load_dotenv
 
     load_dotenv()
@@ -135,11 +192,17 @@ def main(model_obj: str, config_obj: Optional[str] = None, output_dir: Optional[
         specs[0].output_dir = str(output_dir)
     tasks = resolve_config_objs(str(config_obj))
     rank, world = _dist_info()
+    mine = assign_pairs(len(specs), len(tasks), world, distribute)[rank]
+    logger.info("eval: rank %d/%d runs %d of %d (model, task) pairs (distribute=%s)", rank, world, len(mine),
+                len(specs) * len(tasks), distribute)
     all_results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for m, spec in enumerate(specs):
         out_dir = Path(spec.output_dir)
         all_results[str(out_dir)] = evaluate_model(spec, tasks, out_dir, overwrite, overrides, device,
-                                                   rank, world, offset=m * len(tasks))
+                                                   task_indices=[t for mm, t in mine if mm == m])
+    if barrier:
+        wait_for_results([Path(s.output_dir) / rel / "results.csv" for s in specs for rel, _ in tasks],
+                         timeout_s=barrier_timeout)
     if world > 1:
         import torch.distributed as dist
 
