@@ -1,5 +1,6 @@
 """Eval CLI options of reference §7.1: --log-file, --distribute=runs|models (the rank assignment as a pure
 function), --barrier (wait for every results.csv)."""
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +95,45 @@ def test_cli_flags(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(tmp_path / "o" / "opts" / "r45_knn" / "results.csv").is_file()
     assert "rank 0/1 runs 1 of 1 (model, task) pairs (distribute=runs)" in log.read_text()
+
+
+def _worker(out: str, cfg: str, run_a: str, run_b: str) -> None:
+    """Runs under torchrun (2 ranks, gloo): both models x both tasks with --distribute=models and --barrier."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    res = main(f"{run_a};{run_b}", cfg, device="cpu", distribute="models", barrier=True, barrier_timeout=120,
+               log_file=os.path.join(out, f"rank{rank}.log"))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+        json.dump(res, fh)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_distribute_models_with_barrier(tiny, tmp_path):
+    cfg = tmp_path / "cfg" / "two"
+    ds = {"id": "resisc45", "root": str(tiny["root"] / "r45"), "transform": [{"id": "Resize", "size": 16}]}
+    for k in (1, 3):
+        task = knn_task(dict(ds, split="train"), dict(ds, split="test"))
+        write_task(cfg, f"knn{k}", dict(task, heads={"nb_knn": [k]}))
+    runs = [make_run(tmp_path / "runs" / n, seed=i) for i, n in enumerate("ab")]
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PANOPTICON_NO_TQDM="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(out), str(cfg), *map(str, runs)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank, run in enumerate(runs):  # model m ran on rank m only, both of its tasks
+        log = (out / f"rank{rank}.log").read_text()
+        ran = [ln for ln in log.splitlines() if "running task" in ln]
+        assert len(ran) == 2 and all(str(run / "eval_model_final") in ln for ln in ran), ran
+        assert f"rank {rank}/2 runs 2 of 4 (model, task) pairs (distribute=models)" in log
+    merged = json.loads((out / "rank0.json").read_text())  # rank 0 collects every model after the barrier
+    assert {k: sorted(v) for k, v in merged.items()} == {
+        str(r / "eval_model_final"): ["two/knn1", "two/knn3"] for r in runs}
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])
