@@ -214,3 +214,13 @@ def test_inference_cache_follows_weight_updates():
         reference = run(pe, x, "reference")
     assert not torch.allclose(first, updated)
     assert (updated - reference).abs().max() < 1e-4
+
+
+def test_fused_chunked_over_patch_rows_matches_reference(monkeypatch):
+    import dinov2.models.panopticon as panopticon
+
+    monkeypatch.setattr(panopticon, "CHUNK_BYTES", 1)  # one patch row per chunk
+    pe = make_pe()
+    x = xdict(C=13, S=30, masks=True)  # 4 x 4 patches of 7 px; 2 px cropped, as the conv does
+    assert pe._rows_per_chunk(2, 13, 4) == 1
+    assert (run(pe, x, "fused") - run(pe, x, "reference")).abs().max() < 1e-4

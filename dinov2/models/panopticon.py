@@ -24,6 +24,7 @@ from torch import nn
 from .channel_embedding import ChnEmb, check_chn_ids
 
 IMPLS = ("fused", "reference")
+CHUNK_BYTES = 8 * 2**20  # fused path: rearranged patches processed per chunk (cache-sized)
 
 
 class Conv3dWrapper(nn.Module):
@@ -192,6 +193,11 @@ class PanopticonPE(nn.Module):
         self._fold_cache = (key, folded) if cacheable else None
         return folded
 
+    def _rows_per_chunk(self, B: int, C: int, w: int) -> int:
+        """Patch rows per chunk so that one chunk of rearranged patches is about CHUNK_BYTES."""
+        row_bytes = B * C * w * self.patch_size * self.patch_size * 4
+        return max(1, CHUNK_BYTES // max(row_bytes, 1))
+
     def _forward_fused(self, imgs, mu, sigma, masks, h, w) -> torch.Tensor:
         B, C = imgs.shape[:2]
         P, A = self.patch_size, self.attn_dim
@@ -207,17 +213,23 @@ class PanopticonPE(nn.Module):
             if xattn.inproj_v.bias is not None:
                 z = z + xattn.inproj_v.bias.float().reshape(H, d)
 
-            x = imgs[:, :, : h * P, : w * P].float()
-            patches = x.reshape(B, C, h, P, w, P).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C, P * P)
-            logits = torch.matmul(patches, kappa.t()).transpose(-1, -2)  # (B, L, H, C)
-            logits = logits + beta.transpose(1, 2)[:, None]  # beta (B, C, H) -> (B, 1, H, C)
-            if masks is not None:
-                logits = logits.masked_fill(masks[:, None, None, :], float("-inf"))
-            attn = logits.softmax(dim=-1)  # (B, L, H, C)
-            pooled = torch.matmul(attn, patches)  # (B, L, H, P*P)
-            out = torch.einsum("blhp,hdp->blhd", pooled, m)
-            # value offsets: sum_c a_hc z_hc
-            out = out + torch.einsum("blhc,bchd->blhd", attn, z)
+            # Work through the image a band of patch rows at a time: the rearranged patches of one band stay
+            # in cache for the two matmuls that read them (the full 202-band cube does not fit).
+            rows = self._rows_per_chunk(B, C, w)
+            chunks = []
+            for r0 in range(0, h, rows):
+                r = min(rows, h - r0)
+                x = imgs[:, :, r0 * P:(r0 + r) * P, : w * P].float()
+                patches = x.reshape(B, C, r, P, w, P).permute(0, 2, 4, 1, 3, 5).reshape(B, r * w, C, P * P)
+                logits = torch.matmul(patches, kappa.t()).transpose(-1, -2)  # (B, l, H, C)
+                logits = logits + beta.transpose(1, 2)[:, None]  # beta (B, C, H) -> (B, 1, H, C)
+                if masks is not None:
+                    logits = logits.masked_fill(masks[:, None, None, :], float("-inf"))
+                attn = logits.softmax(dim=-1)
+                pooled = torch.matmul(attn, patches)  # (B, l, H, P*P): per-head channel mix of the pixels
+                chunk = torch.einsum("blhp,hdp->blhd", pooled, m)
+                chunks.append(chunk + torch.einsum("blhc,bchd->blhd", attn, z))  # + sum_c a_hc z_hc
+            out = torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0]
             out = out.reshape(B, h * w, A)
             if self.chnfus.layer_norm is not None:
                 out = self.chnfus.layer_norm(out)
