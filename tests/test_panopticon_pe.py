@@ -224,3 +224,10 @@ def test_fused_chunked_over_patch_rows_matches_reference(monkeypatch):
     x = xdict(C=13, S=30, masks=True)  # 4 x 4 patches of 7 px; 2 px cropped, as the conv does
     assert pe._rows_per_chunk(2, 13, 4) == 1
     assert (run(pe, x, "fused") - run(pe, x, "reference")).abs().max() < 1e-4
+    grads = []
+    for impl in ("reference", "fused"):
+        pe.zero_grad()
+        (run(pe, x, impl) ** 2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in pe.named_parameters()})
+    for n, g in grads[0].items():
+        assert torch.allclose(grads[1][n], g, rtol=1e-3, atol=1e-5 * max(1.0, g.abs().max().item())), n
