@@ -32,16 +32,6 @@ class SwiGLUFFN(nn.Module):
 class SwiGLUFFNFused(SwiGLUFFN):
     """SwiGLU with the hidden width rounded as DINOv2 does (2/3 of the MLP width, multiple of 8)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden_features: Optional[int] = None,
-        out_features: Optional[int] = None,
-        act_layer: Optional[Callable[..., nn.Module]] = None,
-        drop: float = 0.0,
-        bias: bool = True,
-    ) -> None:
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        hidden_features = (int(hidden_features * 2 / 3) + 7) // 8 * 8
-        super().__init__(in_features, hidden_features, out_features, bias=bias)
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None, **kwargs) -> None:
+        hidden = hidden_features or in_features
+        super().__init__(in_features, (int(hidden * 2 / 3) + 7) // 8 * 8, **kwargs)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.init import trunc_normal_
 
-from ..layers import Block, BlockChunk, Mlp, NestedTensorBlock, PatchEmbed, SwiGLUFFNFused
+from ..layers import BlockChunk, Mlp, NestedTensorBlock, PatchEmbed, SwiGLUFFNFused
 from ..layers.attention import MemEffAttention
 from .panopticon import PanopticonPE
 
