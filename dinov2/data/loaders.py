@@ -119,11 +119,13 @@ def make_dataset(cfg: Dict[str, Any], pretrain_augm_cfg: Optional[Dict[str, Any]
 
 
 def make_sampler(dataset: Dataset, sampler_type: str = "infinite", shuffle: bool = True, seed: int = 0,
-                 sampler_advance: int = 0) -> Sampler:
+                 sampler_advance: int = 0, with_positions: bool = False) -> Sampler:
     """'infinite' (training) -> InfiniteSampler; 'epoch' / 'distributed' (evaluation) -> one sharded pass."""
     n = len(dataset)
     if sampler_type == "infinite":
-        return InfiniteSampler(n, shuffle=shuffle, seed=seed, advance=sampler_advance)
+        return InfiniteSampler(n, shuffle=shuffle, seed=seed, advance=sampler_advance, with_positions=with_positions)
+    if with_positions:
+        raise ValueError("stream positions (per-sample seeding) need sampler_type='infinite'")
     if sampler_type in ("epoch", "distributed"):
         if sampler_advance:
             raise ValueError(f"sampler_advance is only supported by the infinite sampler, got {sampler_advance}")
@@ -134,11 +136,27 @@ def make_sampler(dataset: Dataset, sampler_type: str = "infinite", shuffle: bool
 def make_data_loader(dataset: Dataset, batch_size: int, num_workers: int, sampler_type: str = "infinite",
                      shuffle: bool = True, seed: int = 0, sampler_advance: int = 0, drop_last: bool = True,
                      pin_memory: bool = False, persistent_workers: bool = False,
-                     collate_fn: Optional[Callable] = None) -> DataLoader:
-    """DataLoader over `dataset` with a rank-sharded, seeded sampler. Worker RNGs are derived from torch's
-    global RNG (DataLoader default), so `torch.manual_seed` makes augmentations reproducible."""
-    sampler = make_sampler(dataset, sampler_type, shuffle, seed, sampler_advance)
+                     collate_fn: Optional[Callable] = None, per_sample_seeding: bool = False,
+                     max_sample_replacements: int = 10,
+                     worker_init_fn: Optional[Callable[[int], None]] = None) -> DataLoader:
+    """DataLoader over `dataset` with a rank-sharded, seeded sampler.
+
+    Default: worker RNGs are derived from torch's global RNG (DataLoader default), so `torch.manual_seed` makes
+    augmentations reproducible for a fixed number of workers. With `per_sample_seeding` (training; needs the
+    infinite sampler) every sample and batch is seeded from `(seed, stream position)`, independent of workers,
+    so a resumed stream (`sampler_advance`) is bit-identical; unreadable samples are then replaced (up to
+    `max_sample_replacements` in a row) and reported in `batch['bad_samples']` (`dinov2.data.sample_stream`)."""
+    sampler = make_sampler(dataset, sampler_type, shuffle, seed, sampler_advance, with_positions=per_sample_seeding)
+    generator = None
+    if per_sample_seeding:
+        from dinov2.data.sample_stream import PositionedSamples, SeededCollate, derive_seed
+        from dinov2.data.samplers import rank_and_world
+
+        dataset = PositionedSamples(dataset, seed, max_replacements=max_sample_replacements)
+        collate_fn = SeededCollate(collate_fn, seed)
+        # worker base seeds from (seed, rank, stream start), not from the training process's global RNG
+        generator = torch.Generator().manual_seed(derive_seed(seed, rank_and_world()[0], sampler_advance))
     logger.info("data loader: %s sampler, batch %d, %d workers", sampler_type, batch_size, num_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=drop_last, pin_memory=pin_memory,
+                      drop_last=drop_last, pin_memory=pin_memory, generator=generator, worker_init_fn=worker_init_fn,
                       persistent_workers=persistent_workers and num_workers > 0, collate_fn=collate_fn)

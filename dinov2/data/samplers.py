@@ -38,16 +38,21 @@ def _shard(start: Optional[int], step: Optional[int]) -> Tuple[int, int]:
 
 class InfiniteSampler(Sampler):
     """Endless index stream: a fresh `randperm` per pass (or 0..n-1 repeated if not shuffled), sharded by rank.
-    `advance` skips that many of this rank's indices (exact resume after `advance` samples)."""
+    `advance` skips that many of this rank's indices (exact resume after `advance` samples).
+
+    With `with_positions` it yields `(index, position)` pairs, `position` being the index's place in the global
+    (all-rank) stream: unique per drawn sample and independent of data-loader workers, so per-sample randomness
+    can be derived from it (`dinov2.data.sample_stream`)."""
 
     def __init__(self, sample_count: int, shuffle: bool = True, seed: int = 0, start: Optional[int] = None,
-                 step: Optional[int] = None, advance: int = 0):
+                 step: Optional[int] = None, advance: int = 0, with_positions: bool = False):
         if sample_count < 1:
             raise ValueError(f"InfiniteSampler needs a non-empty dataset, got sample_count={sample_count}")
         if advance < 0:
             raise ValueError(f"advance must be >= 0, got {advance}")
         self.n, self.shuffle, self.seed, self.advance = int(sample_count), shuffle, int(seed), int(advance)
         self.start, self.step = _shard(start, step)
+        self.with_positions = bool(with_positions)
 
     def _global_stream(self, first_pass: int) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed)
@@ -57,10 +62,13 @@ class InfiniteSampler(Sampler):
                 continue  # the permutation was drawn to keep the generator state exact
             yield from (perm.tolist() if perm is not None else range(self.n))
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator:
         skip = self.start + self.advance * self.step  # global position of this rank's first index
         first_pass, offset = divmod(skip, self.n)
-        return itertools.islice(self._global_stream(first_pass), offset, None, self.step)
+        indices = itertools.islice(self._global_stream(first_pass), offset, None, self.step)
+        if not self.with_positions:
+            return indices
+        return zip(indices, itertools.count(skip, self.step))
 
 
 class EpochSampler(Sampler):

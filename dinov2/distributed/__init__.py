@@ -10,7 +10,11 @@ import datetime
 import logging
 import os
 import re
+import signal
 import socket
+import sys
+import threading
+import time
 from typing import Optional
 
 import torch
@@ -183,6 +187,16 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum(value: float) -> float:
+    """Sum of a number over ranks (the value itself without a process group)."""
+    if not is_enabled():
+        return value
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return int(round(t.item())) if isinstance(value, int) else float(t.item())
+
+
 def all_gather_object(obj) -> list:
     """List of `obj` from every rank (a one-element list without a process group)."""
     if not is_enabled():
@@ -190,3 +204,50 @@ def all_gather_object(obj) -> list:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def launched_by_torchrun() -> bool:
+    """True in a rank process started by torchrun (torch elastic sets TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask the Linux kernel to send `sig` to this process when its parent exits (prctl PR_SET_PDEATHSIG);
+    False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def exit_with_parent(poll_s: float = 1.0) -> int:
+    """Make this process die (SIGKILL: nothing more is written) as soon as its parent, the launcher, dies.
+
+    Two mechanisms: the kernel's parent-death signal (Linux, immediate) and a daemon thread that polls the parent
+    pid every `poll_s` seconds (any POSIX system; a dead parent re-parents us, changing `os.getppid()`).
+    Returns the parent pid being watched. Call it early in a rank process started by a launcher: a plain
+    `python train.py` would otherwise die with its shell."""
+    parent = os.getppid()
+    pdeath = set_parent_death_signal(signal.SIGKILL)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
+    logger.info("rank exits with its launcher (pid %d; parent-death signal %s, watchdog every %.1f s)", parent,
+                "armed" if pdeath else "unavailable", poll_s)
+    return parent
+
+
+def worker_dies_with_parent(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the worker gets SIGKILL when its training process dies."""
+    set_parent_death_signal(signal.SIGKILL)

@@ -22,9 +22,13 @@ if __package__ in (None, ""):  # `python dinov2/train/train.py` without PYTHONPA
 import torch
 
 from dinov2 import distributed
+from dinov2.data.sample_stream import BAD_SAMPLES_KEY
 from dinov2.logging import MetricLogger, SmoothedValue, setup_logging
 from dinov2.train import reporting
+from dinov2.train.bad_samples import BadSampleLog
 from dinov2.train.checkpointer import Checkpointer, restore_rng
+from dinov2.train.divergence import DivergenceGuard, TrainingDivergedError
+from dinov2.train.run_lock import RunLock
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.checkpoint import load_pretrained_weights, save_atomic
 from dinov2.utils.config import apply_scaling_rules, load_config, write_config
@@ -33,6 +37,7 @@ from dinov2.utils.param_groups import apply_optim_schedule
 from dinov2.utils.utils import CosineScheduler, fix_random_seeds
 
 logger = logging.getLogger("dinov2")
+_RUN_LOCK: Optional[RunLock] = None  # held by the main rank from setup() until main() ends (or the process dies)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -51,6 +56,8 @@ def setup(args) -> "DictConfig":  # noqa: F821
     opts = [o for o in (args.opts or []) if o != "--"]
     cfg = load_config(args.config_file or None, opts, env_file=args.env, fastdevrun=args.fastdevrun)
     out = args.output_dir or str(cfg.train.get("output_dir") or ".")
+    if distributed.launched_by_torchrun() and bool(cfg.train.get("exit_with_launcher", True)):
+        distributed.exit_with_parent()
     distributed.enable(overwrite=True)
     if args.fastdevrun:
         token = distributed.all_gather_object(uuid.uuid4().hex)[0]  # one folder name for all ranks
@@ -58,7 +65,10 @@ def setup(args) -> "DictConfig":  # noqa: F821
     out = os.path.abspath(out)
     cfg.train.output_dir = out
     os.makedirs(out, exist_ok=True)
+    takeover = lock_run_folder(out)  # before anything is written into the folder
     setup_logging(out)
+    if takeover:
+        logger.warning(takeover)
     if "SLURM_JOB_ID" in os.environ:
         cfg.slurm_job_id = os.environ["SLURM_JOB_ID"]
     cfg.train.short_exp_name = reporting.run_name(out)
@@ -69,6 +79,36 @@ def setup(args) -> "DictConfig":  # noqa: F821
     if distributed.is_main_process():
         write_config(cfg, out, "config.yaml")
     return cfg
+
+
+def lock_run_folder(out: str) -> str:
+    """The main rank locks `out` (`run.lock`); every rank raises `RunFolderLockedError` if another live job
+    holds it. Returns the stale-lock takeover message ('' if none)."""
+    global _RUN_LOCK
+    error, takeover = None, ""
+    if distributed.is_main_process():
+        from dinov2.train.run_lock import RunFolderLockedError
+
+        lock = RunLock(out)
+        try:
+            _RUN_LOCK = lock.acquire()
+            takeover = lock.describe_previous()
+        except RunFolderLockedError as e:
+            error = str(e)
+    error = distributed.all_gather_object(error)[0]
+    if error is not None:
+        from dinov2.train.run_lock import RunFolderLockedError
+
+        raise RunFolderLockedError(error)
+    return takeover
+
+
+def release_run_folder() -> None:
+    """Release the run-folder lock taken by `setup` (no-op if not held)."""
+    global _RUN_LOCK
+    if _RUN_LOCK is not None:
+        _RUN_LOCK.release()
+        _RUN_LOCK = None
 
 
 def build_schedulers(cfg, epoch_len: int) -> dict:
@@ -118,11 +158,15 @@ def build_loader(cfg, dataset, device: torch.device, sampler_advance: int):
                       mask_probability=float(cfg.ibot.mask_sample_probability), dtype=collate_dtype,
                       n_tokens=grid * grid, mask_generator=mask_gen)
     nw = int(cfg.train.num_workers)
+    die_with_rank = distributed.launched_by_torchrun() and bool(cfg.train.get("exit_with_launcher", True))
     return make_data_loader(dataset, batch_size=int(cfg.train.batch_size_per_gpu), num_workers=nw,
                             sampler_type="infinite", shuffle=True, seed=int(cfg.train.seed),
                             sampler_advance=sampler_advance, drop_last=bool(cfg.train.drop_last),
                             pin_memory=bool(cfg.train.pin_memory) and device.type == "cuda",
-                            persistent_workers=bool(cfg.train.persistent_workers) and nw > 0, collate_fn=collate)
+                            persistent_workers=bool(cfg.train.persistent_workers) and nw > 0, collate_fn=collate,
+                            per_sample_seeding=True,
+                            max_sample_replacements=int(cfg.train.get("max_sample_replacements", 10)),
+                            worker_init_fn=distributed.worker_dies_with_parent if die_with_rank else None)
 
 
 def epoch_length(cfg, dataset) -> int:
@@ -181,6 +225,12 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True, dataset=None) -> dict
     loader = build_loader(cfg, dataset, device, sampler_advance=start_iter * bsz * accum)
     data_iter = iter(loader)
     restore_rng(state["rng_state"])  # after the iterator exists: creating it draws from the RNG
+    bad_samples = BadSampleLog(out, len(dataset), float(cfg.train.get("max_bad_sample_fraction", 0.05)), start_iter)
+    dv = cfg.train.get("divergence") or {}
+    guard = DivergenceGuard(max_abs_weight=float(dv.get("max_abs_weight", 1e6)),
+                            loss_spike_factor=float(dv.get("loss_spike_factor", 10.0)),
+                            loss_window=int(dv.get("loss_window", 20)),
+                            history=state["meta"].get("loss_history"))
     ckpt_period, eval_period = _periods(cfg, epoch_len)
     metrics_file = os.path.join(out, "training_metrics.json")
     wandb_run = reporting.init_wandb(cfg, out)
@@ -191,14 +241,23 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True, dataset=None) -> dict
     on_log = partial(reporting.log_wandb, wandb_run, epoch_len=epoch_len, batch_size_total=total_bsz)
     clip = float(cfg.optim.get("clip_grad", 0) or 0)
     scaler = model.fp16_scaler
-    last_good = ckpt.last_checkpoint()
+    last_good = state["checkpoint"]
     ev = cfg.get("eval") or {}
     logger.info("training iterations %d..%d (epoch length %d, total batch %d, device %s)", start_iter, max_iter,
                 epoch_len, total_bsz, device)
 
+    def stop(reason: str, it: int, epoch: float, when: str) -> None:
+        msg = (f"{reason} at iteration {it} (epoch {epoch:.2f}); training stopped {when}. Last good checkpoint: "
+               f"{last_good or 'none written yet'}. Resuming (same --output-dir, e.g. with a lower optim.base_lr) "
+               f"continues from it.")
+        logger.error(msg)
+        raise TrainingDivergedError(msg)
+
     def batches():
         for it in range(start_iter, max_iter):
-            yield it, [next(data_iter) for _ in range(accum)]
+            micro = [next(data_iter) for _ in range(accum)]
+            bad_samples.update(it, [f for b in micro for f in b.pop(BAD_SAMPLES_KEY, [])])
+            yield it, micro
 
     it = start_iter - 1
     only_eval = bool(ev.get("only_eval", False))
@@ -216,12 +275,9 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True, dataset=None) -> dict
             for k, v in model.forward_backward(batch, temp).items():
                 sums[k] = sums.get(k, 0.0) + v / accum
         reduced = {k: distributed.all_reduce_mean(v) for k, v in sums.items()}
-        total = float(reduced["total_loss"])
-        if not math.isfinite(total):
-            msg = (f"non-finite loss {total} at iteration {it} (epoch {epoch:.2f}); training stopped before the "
-                   f"optimizer step. Last good checkpoint: {last_good or 'none written yet'}")
-            logger.error(msg)
-            raise FloatingPointError(msg)
+        reason = guard.check_loss(float(reduced["total_loss"]))
+        if reason:
+            stop(reason, it, epoch, "before the optimizer step")
         if scaler is not None:
             scaler.unscale_(optimizer)
         if clip > 0:
@@ -236,15 +292,21 @@ def do_train(cfg, model: SSLMetaArch, resume: bool = True, dataset=None) -> dict
         metric_logger.update(lr=lr, wd=wd, mom=mom, teacher_temp=temp, current_batch_size=total_bsz,
                              **({"last_layer_lr": max(frozen_lr)} if frozen_lr else {}),
                              **{k: float(v) for k, v in reduced.items()})
-        if (it + 1) % ckpt_period == 0 and it + 1 < max_iter:
-            last_good = ckpt.save_periodic(it)
-        if (eval_period and (it + 1) % eval_period == 0) or (it == max_iter - 1 and ev.get("include_final_ckpt", True)
-                                                            and reporting.eval_configured(cfg)):
+        save_ckpt = (it + 1) % ckpt_period == 0 and it + 1 < max_iter
+        save_eval = (eval_period and (it + 1) % eval_period == 0) or (
+            it == max_iter - 1 and ev.get("include_final_ckpt", True) and reporting.eval_configured(cfg))
+        if save_ckpt or save_eval or it == max_iter - 1:  # nothing is saved from a failed step
+            reason = guard.check_weights(model)
+            if reason:
+                stop(reason, it, epoch, "before saving")
+        if save_ckpt:
+            last_good = ckpt.save_periodic(it, {"loss_history": list(guard.history)})
+        if save_eval:
             save_teacher(model, out, it)
 
     final = None
     if it >= start_iter or (only_eval and not os.path.isfile(os.path.join(out, "model_final.pth"))):
-        final = ckpt.save("model_final", max(it, 0))
+        final = ckpt.save("model_final", max(it, 0), {"loss_history": list(guard.history)})
     elif os.path.isfile(os.path.join(out, "model_final.pth")):
         final = os.path.join(out, "model_final.pth")
     if distributed.is_main_process():
@@ -276,19 +338,22 @@ def build_model(cfg) -> SSLMetaArch:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = get_args_parser().parse_args(argv)
     cfg = setup(args)
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    model = build_model(cfg)
-    result = do_train(cfg, model, resume=args.resume)
-    del model  # free the training state before evaluation
-    result["eval"] = reporting.run_evaluations(cfg, cfg.train.output_dir, result["wandb_run"])
-    if result.pop("wandb_run") is not None and distributed.is_main_process():
-        import wandb
+    try:
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        model = build_model(cfg)
+        result = do_train(cfg, model, resume=args.resume)
+        del model  # free the training state before evaluation
+        result["eval"] = reporting.run_evaluations(cfg, cfg.train.output_dir, result["wandb_run"])
+        if result.pop("wandb_run") is not None and distributed.is_main_process():
+            import wandb
 
-        wandb.finish()
-    if args.fastdevrun and distributed.is_main_process():
-        shutil.rmtree(cfg.train.output_dir, ignore_errors=True)
-    distributed.barrier()
+            wandb.finish()
+        if args.fastdevrun and distributed.is_main_process():
+            shutil.rmtree(cfg.train.output_dir, ignore_errors=True)
+        distributed.barrier()
+    finally:
+        release_run_folder()
     distributed.disable()
     return result
 
