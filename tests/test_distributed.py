@@ -1,8 +1,13 @@
-"""Distributed helpers without a process group, launcher environment parsing, and a 2-process gloo training run
-under torchrun in which both ranks keep identical weights."""
+"""Distributed helpers without a process group, launcher environment parsing, a 2-process gloo training run
+under torchrun in which both ranks keep identical weights, and a torchrun job killed with SIGKILL (ranks die
+with their launcher, the run folder stays untouched, resume is bit-exact with data-loader workers and a corrupt
+sample file)."""
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,8 +151,125 @@ def test_fsdp2_sharded_training_over_gloo(tmp_path):
     assert 0 < (final[t] - r["init"][t]).abs().sum() < (final[q] - r["init"][q]).abs().sum()  # EMA on shards
 
 
+def _faults_worker(out_dir: str, delay_s: str, config_file: str, opts: list) -> None:
+    """Runs under torchrun: CLI set-up (lock, parent-death guard), training on the configured dataset, each sample
+    delayed by `delay_s` seconds so that the test can kill the job mid-run."""
+    from test_train_common import SlowSamples
+
+    from dinov2.train.train import build_dataset, build_model, do_train, get_args_parser, release_run_folder, setup
+
+    cfg = setup(get_args_parser().parse_args([f"--config-file={config_file}", f"--output-dir={out_dir}", *opts]))
+    ds = build_dataset(cfg)
+    do_train(cfg, build_model(cfg), dataset=SlowSamples(ds, float(delay_s)) if float(delay_s) > 0 else ds)
+    release_run_folder()
+    distributed.barrier()
+    distributed.disable()
+
+
+def _descendants(pid: int) -> set:
+    """Pids of all live descendants of `pid` (from /proc)."""
+    children: dict = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and the Linux parent-death signal")
+def test_killed_torchrun_job_ranks_exit_and_resume_is_exact_with_workers_and_a_corrupt_file(tmp_path):
+    from test_train_common import TINY, write_spectral_earth_run
+
+    from dinov2.train.run_lock import RunFolderLockedError
+    from dinov2.train.train import main
+
+    run_yaml, (bad_file,) = write_spectral_earth_run(tmp_path, n=40, corrupt=(7,))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env.pop("PANOPTICON_DEVICE", None)
+    # 12 iterations, 2 ranks x 2 samples (48 draws: the whole first pass of 40, so the corrupt file is drawn),
+    # 2 loader workers per rank, a checkpoint every iteration
+    opts = [*TINY, "optim.epochs=6", "train.batch_size_per_gpu=2", "train.num_workers=2", "train.saveckp_freq=0.5"]
+
+    def torchrun(out, delay, **kw):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+               "--faults", str(out), str(delay), run_yaml, *opts]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    ref = torchrun(a, 0)
+    log_a = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, log_a[-4000:]
+
+    job = torchrun(b, 0.15, start_new_session=True)
+    deadline = time.time() + 240
+    while not (b / "model_0000003.pth").exists():
+        assert job.poll() is None and time.time() < deadline, "job ended before it could be killed"
+        time.sleep(0.05)
+    ranks = _descendants(job.pid)
+    assert len(ranks) >= 2 and json.loads((b / "run.lock").read_text())["pid"] in ranks
+    # a second job on the same folder is refused before it writes anything
+    with pytest.raises(RunFolderLockedError, match=r"in use by another training job.*\"pid\""):
+        main([f"--config-file={run_yaml}", f"--output-dir={b}", *opts, "train.seed=99"])
+    assert "seed: 3" in (b / "config.yaml").read_text()
+
+    os.kill(job.pid, signal.SIGKILL)  # the launcher only: its ranks must follow on their own
+    job.communicate(timeout=30)
+    t0 = time.time()
+    while any(_alive(p) for p in ranks) and time.time() - t0 < 20:
+        time.sleep(0.05)
+    exited_after = time.time() - t0
+    assert not any(_alive(p) for p in ranks), f"ranks still running {exited_after:.1f} s after the launcher died"
+    assert exited_after < 10
+    before = _snapshot(b)
+    time.sleep(1.5)
+    assert _snapshot(b) == before, "something wrote into the run folder after the job was killed"
+    assert not (b / "model_final.pth").exists()
+
+    res = torchrun(b, 0)
+    log_b = res.communicate(timeout=300)[0]
+    assert res.returncode == 0, log_b[-4000:]
+    assert "took over a stale lock" in (b / "logs" / "log.txt").read_text()
+    assert (b / "run.lock").read_text() == ""  # released at the end
+
+    fa = torch.load(a / "model_final.pth", weights_only=True)
+    fb = torch.load(b / "model_final.pth", weights_only=True)
+    assert fa["iteration"] == fb["iteration"] == 11 and set(fa["model"]) == set(fb["model"])
+    for k in fa["model"]:
+        assert torch.equal(fa["model"][k], fb["model"][k]), f"resumed run differs from the uninterrupted one in {k}"
+    # the corrupt file was skipped, recorded with its path, and replaced identically in both runs
+    rec_a = [json.loads(x) for x in (a / "bad_samples.jsonl").read_text().splitlines()]
+    rec_b = [json.loads(x) for x in (b / "bad_samples.jsonl").read_text().splitlines()]
+    assert rec_a and all(r["file"] == bad_file for r in rec_a)
+    assert {r["index"] for r in rec_a} == {7}
+    key = lambda r: (r["iteration"], r["rank"], r["position"])  # noqa: E731
+    assert sorted(rec_a, key=key) == sorted(rec_b, key=key)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--fsdp":
         _fsdp_worker(sys.argv[2])
+    elif sys.argv[1] == "--faults":
+        _faults_worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
     else:
         _worker(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -78,6 +78,44 @@ def tiny_dataset(n: int = 8, nan_after: int = -1, kill_after: int = -1):
     return InMemoryScenes(n, transform=make_augmentation([dict(AUGM)]), nan_after=nan_after, kill_after=kill_after)
 
 
+class SlowSamples(Dataset):
+    """Delays every sample of a dataset by `delay_s` seconds (results unchanged): keeps a run alive long enough
+    to be killed at a chosen point."""
+
+    def __init__(self, dataset, delay_s: float):
+        self.dataset, self.delay_s = dataset, float(delay_s)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        import time
+
+        time.sleep(self.delay_s)
+        return self.dataset[idx]
+
+
+def write_spectral_earth_run(tmp_path, n: int = 40, corrupt=(7,), size: int = 16) -> tuple:
+    """A SpectralEarth pretraining config over `n` real-format EnMAP patch TIFFs of which those in `corrupt`
+    are cut to half their length (a file damaged in transfer). Returns (config path, list of corrupt paths)."""
+    import yaml
+    from data_fixtures import write_spectral_earth
+
+    root = tmp_path / "rdir"
+    fx = write_spectral_earth(str(root), n=n, size=size)
+    bad = []
+    for i in corrupt:
+        path = root / "spectral_earth" / "enmap" / fx["rels"][i]
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        bad.append(str(path))
+    run_cfg = {"train": {"dataset": {"id": "SpectralEarth", "root": str(root), "split": "train",
+                                     "normalize": False}, "pretrain_augm": AUGM}}
+    path = tmp_path / "spectral_run.yaml"
+    path.write_text(yaml.safe_dump(run_cfg))
+    return str(path), bad
+
+
 def write_geotiff_run(tmp_path) -> str:
     """A GeoTiffScenes pretraining config over a fixture Sentinel-2 scene (real GeoTIFF layout); returns its path."""
     import yaml
