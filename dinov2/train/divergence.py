@@ -29,21 +29,23 @@ class TrainingDivergedError(FloatingPointError):
 def largest_weight(module: nn.Module) -> Tuple[float, str]:
     """(largest |w| over the module's floating state, its tensor name); inf (with the name) if a tensor holds
     NaN/inf. Local shards of FSDP tensors are checked, and the result is the maximum over ranks."""
-    worst, name = 0.0, ""
+    names, maxima = [], []
     with torch.no_grad():
         for k, t in module.state_dict().items():
-            if not torch.is_tensor(t) or not t.is_floating_point() or t.numel() == 0:
+            if not torch.is_tensor(t) or not t.is_floating_point():
                 continue
-            if hasattr(t, "to_local"):
+            if hasattr(t, "to_local"):  # FSDP shard
                 t = t.to_local()
-                if t.numel() == 0:
-                    continue
-            m = t.detach().abs().max().float()
-            v = float(m) if bool(torch.isfinite(m)) else math.inf
-            if v > worst or not name:
-                worst, name = v, k
-            if v == math.inf:
-                break
+            if t.numel():
+                names.append(k)
+                maxima.append(t.detach().abs().amax().float())
+    worst, name = 0.0, ""
+    if maxima:
+        # one device->host copy for all tensors; NaN/inf become inf so that max() reports them
+        m = torch.stack([x.to(maxima[0].device) for x in maxima]).cpu()
+        m = torch.where(torch.isfinite(m), m, torch.full_like(m, math.inf))
+        i = int(torch.argmax(m))
+        worst, name = float(m[i]), names[i]
     if distributed.is_enabled():
         worst, name = max(distributed.all_gather_object((worst, name)), key=lambda p: p[0])
     return worst, name

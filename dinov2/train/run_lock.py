@@ -74,6 +74,13 @@ class RunLock:
         atexit.register(self.release)
         return self
 
+    def close_in_child(self) -> None:
+        """In a forked child (data-loader worker): close the inherited descriptor without unlocking, so that the
+        lock lives exactly as long as the process that took it."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     @property
     def held(self) -> bool:
         return self._fd is not None

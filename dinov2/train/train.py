@@ -111,6 +111,14 @@ def release_run_folder() -> None:
         _RUN_LOCK = None
 
 
+def _loader_worker_init(worker_id: int, die_with_rank: bool) -> None:
+    """Data-loader worker start: drop the inherited run-lock descriptor; optionally die with the rank."""
+    if _RUN_LOCK is not None:
+        _RUN_LOCK.close_in_child()
+    if die_with_rank:
+        distributed.worker_dies_with_parent(worker_id)
+
+
 def build_schedulers(cfg, epoch_len: int) -> dict:
     """Per-iteration lr (warmup, hold, cosine), wd and teacher momentum (cosine), teacher temperature (linear
     warmup then constant)."""
@@ -166,7 +174,7 @@ def build_loader(cfg, dataset, device: torch.device, sampler_advance: int):
                             persistent_workers=bool(cfg.train.persistent_workers) and nw > 0, collate_fn=collate,
                             per_sample_seeding=True,
                             max_sample_replacements=int(cfg.train.get("max_sample_replacements", 10)),
-                            worker_init_fn=distributed.worker_dies_with_parent if die_with_rank else None)
+                            worker_init_fn=partial(_loader_worker_init, die_with_rank=die_with_rank))
 
 
 def epoch_length(cfg, dataset) -> int:
