@@ -37,18 +37,24 @@ def derive_seed(*parts: int) -> int:
 
 @contextmanager
 def seeded_rng(seed: int) -> Iterator[None]:
-    """Run a block with python `random`, numpy's global RNG and torch's CPU generator seeded from `seed`; their
-    previous states are restored afterwards (the caller's RNG streams are left untouched)."""
-    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    """Run a block with python `random`, numpy's global RNG and torch's CPU generator seeded from `seed`. In the
+    training process their previous states are restored afterwards (its RNG streams are left untouched); in a
+    data-loader worker, where every sample and batch is seeded afresh, the save/restore is skipped (it costs more
+    than the seeding)."""
+    from torch.utils.data import get_worker_info
+
+    saved = None if get_worker_info() is not None else (random.getstate(), np.random.get_state(),
+                                                          torch.get_rng_state())
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.default_generator.manual_seed(seed)  # CPU only: CUDA generators of the training process stay as they are
     try:
         yield
     finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(th)
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
 
 
 def failing_file(error: BaseException) -> Optional[str]:
