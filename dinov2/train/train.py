@@ -56,8 +56,9 @@ def setup(args) -> "DictConfig":  # noqa: F821
     opts = [o for o in (args.opts or []) if o != "--"]
     cfg = load_config(args.config_file or None, opts, env_file=args.env, fastdevrun=args.fastdevrun)
     out = args.output_dir or str(cfg.train.get("output_dir") or ".")
+    launcher = None
     if distributed.launched_by_torchrun() and bool(cfg.train.get("exit_with_launcher", True)):
-        distributed.exit_with_parent()
+        launcher = distributed.exit_with_parent()
     distributed.enable(overwrite=True)
     if args.fastdevrun:
         token = distributed.all_gather_object(uuid.uuid4().hex)[0]  # one folder name for all ranks
@@ -69,6 +70,8 @@ def setup(args) -> "DictConfig":  # noqa: F821
     setup_logging(out)
     if takeover:
         logger.warning(takeover)
+    if launcher is not None:
+        logger.info("this rank exits when its launcher (pid %d) dies (train.exit_with_launcher)", launcher)
     if "SLURM_JOB_ID" in os.environ:
         cfg.slurm_job_id = os.environ["SLURM_JOB_ID"]
     cfg.train.short_exp_name = reporting.run_name(out)
