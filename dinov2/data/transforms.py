@@ -306,7 +306,8 @@ class ChnSelect:
     Args:
         idxs: channel indices into the input.
         wavelengths: wanted chn_ids (nm; SAR codes are negative ints); each picks the channel whose id (mu for
-            (C,2) ids) is nearest, which must lie within `max_diff_nm`.
+            (C,2) ids) is nearest, which must lie within `max_diff_nm`. When several channels are equally near
+            (e.g. the two EnMAP bands with id 993) the choice is ambiguous and an error asks for `idxs`.
         max_diff_nm: largest accepted distance between a wanted wavelength and the chosen channel's id.
     """
 
@@ -332,6 +333,10 @@ class ChnSelect:
             if diff[k] > self.max_diff_nm:
                 raise ValueError(f"ChnSelect: no channel within {self.max_diff_nm} nm of {wl}; nearest id is "
                                  f"{mus[k].item():g}; available ids {mus.tolist()}")
+            tied = torch.nonzero(diff == diff[k]).flatten().tolist()
+            if len(tied) > 1:
+                raise ValueError(f"ChnSelect: wavelength {wl:g} is ambiguous, channels {tied} have ids "
+                                 f"{mus[tied].tolist()}; select them by idxs instead")
             chosen.append(k)
         if len(set(chosen)) != len(chosen):
             raise ValueError(f"ChnSelect: wavelengths {self.wavelengths} select the same channel more than once")
