@@ -136,3 +136,16 @@ def test_readme_own_geotiff_train_and_eval(name, tmp_path, monkeypatch):
     ranked = sorted(st["ids"])
     assert inter["band_subsets"][0]["query_chn_ids"] == ranked[0::2]
     assert inter["band_subsets"][0]["key_chn_ids"] == ranked[1::2]
+
+
+def test_band_subset_override_replaces_the_task_file_subset():
+    """`--task.query_bands="{sensor: landsat8, bands: [red]}"` replaces the task's `{alternate: even}` (no merge)."""
+    from omegaconf import OmegaConf
+
+    from dinov2.eval.tasks import build_task_cfg
+
+    cfg = build_task_cfg(ROOT / "dinov2/configs/eval/demo/retrieval_interleaved_bands.yaml",
+                         {"task.query_bands": {"sensor": "landsat8", "bands": ["red"]}, "test_dataset.scenes": "s.yaml"})
+    task = OmegaConf.to_container(cfg.task)
+    assert task["query_bands"] == {"sensor": "landsat8", "bands": ["red"]}
+    assert task["key_bands"] == {"alternate": "odd"}
