@@ -144,8 +144,8 @@ def test_band_subset_override_replaces_the_task_file_subset():
 
     from dinov2.eval.tasks import build_task_cfg
 
-    cfg = build_task_cfg(ROOT / "dinov2/configs/eval/demo/retrieval_interleaved_bands.yaml",
-                         {"task.query_bands": {"sensor": "landsat8", "bands": ["red"]}, "test_dataset.scenes": "s.yaml"})
+    override = {"task.query_bands": {"sensor": "landsat8", "bands": ["red"]}, "test_dataset.scenes": "s.yaml"}
+    cfg = build_task_cfg(ROOT / "dinov2/configs/eval/demo/retrieval_interleaved_bands.yaml", override)
     task = OmegaConf.to_container(cfg.task)
     assert task["query_bands"] == {"sensor": "landsat8", "bands": ["red"]}
     assert task["key_bands"] == {"alternate": "odd"}

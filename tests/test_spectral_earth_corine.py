@@ -163,7 +163,8 @@ def test_shipped_corine_configs(corine):
     published = {"corine-4c": [520, 1116, 2086, 2207],
                  "corine-12c": [477, 582, 686, 763, 921, 993, 1070, 1553, 1674, 2095, 2298, 2361]}
     # positions by hand: 12c band 6 is position 100 = EnMAP B101 (993.1 nm), not position 99 (B100, 982.5 nm)
-    positions = {"corine-4c": [21, 111, 157, 171], "corine-12c": [12, 33, 50, 61, 84, 100, 107, 128, 139, 158, 182, 190],
+    positions = {"corine-4c": [21, 111, 157, 171],
+                 "corine-12c": [12, 33, 50, 61, 84, 100, 107, 128, 139, 158, 182, 190],
                  "corine-s2": [5, 15, 29, 47, 53, 58, 64, 69, 74, 84, 133, 171]}
     marker = torch.arange(202, dtype=torch.float32)[:, None, None].expand(202, 2, 2)
     for name in CORINE_TASKS:

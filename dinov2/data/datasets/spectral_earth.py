@@ -8,7 +8,7 @@ SpectralEarth bands (EnMAP B001-B126, B142-B160, B168-B224 in product order), 12
 
 Channel ids: by default the EnMAP mission's nominal centre wavelengths in product order (sensor `enmap`).
 Differs on purpose from the published code, whose ids are sorted across the VNIR/SWIR overlap and so are up to
-50 nm off for 20 bands (positions 79-99); `published_ids=True` uses the published ids (sensor
+50 nm off for the 20 bands B081-B100 (positions 80-99); `published_ids=True` uses the published ids (sensor
 `enmap_published`) to replicate the published recipe exactly. Channel positions are the same in both cases.
 
 Normalisation: clamp to [0, 10000], divide by 10000, then per-band z-score with the published SpectralEarth
