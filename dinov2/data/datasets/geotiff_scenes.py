@@ -87,10 +87,8 @@ def _scene_channels(spec: Dict[str, Any], base_dir: Optional[str], idx: int) -> 
 
 def _all_sensor_bands(path: str, sensor: str, idx: int) -> List[str]:
     """Every band of `sensor` for a multi-band file without a band list, if its band count says it holds them."""
-    import rasterio
-
     keys = sensor_bands(sensor)
-    with rasterio.open(path) as src:
+    with open_raster(path) as src:
         count = src.count
     if count != len(keys):
         raise ValueError(f"scene {idx}: {path} has {count} bands and no 'bands' list; give one band key or name per "
