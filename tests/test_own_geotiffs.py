@@ -66,6 +66,8 @@ def test_band_subsets_follow_wavelength_not_position():
     assert resolve_band_subset({"alternate": "odd"}, ids) == [0, 2]     # 560, 840
     pairs = torch.tensor([[840.0, 20.0], [450.0, 15.0]])                # (mu, sigma) ids select on mu
     assert resolve_band_subset({"wavelength_nm": [400, 700]}, pairs) == [1]
+    s2_pairs = torch.tensor([[492.7, 23.8], [559.8, 12.8], [664.6, 11.8], [827.0, 36.8]])  # Sentinel-2 B02-B04, B08
+    assert resolve_band_subset({"sensor": "sentinel2", "bands": ["nir", "red"]}, s2_pairs) == [2, 3]
 
 
 def test_band_subset_errors_name_the_problem():

@@ -69,9 +69,9 @@ def resolve_band_subset(spec: Mapping, chn_ids: torch.Tensor, what: str = "band 
     else:
         from dinov2.data.sensors import band_chn_ids
 
-        wanted = band_chn_ids(str(spec["sensor"]), [str(b) for b in spec["bands"]])
-        wanted = {float(v) for v in (wanted[:, 0] if wanted.ndim == 2 else wanted).tolist()}
-        idx = [i for i in range(n_ch) if float(ids[i]) in wanted]
+        # compare integer ids (what the model embeds), so (mu, sigma) samples match too
+        wanted = set(band_chn_ids(str(spec["sensor"]), [str(b) for b in spec["bands"]]).tolist())
+        idx = [i for i in range(n_ch) if int(ids[i]) in wanted]
     if not idx:
         raise ValueError(f"{what} {dict(spec)} selects no channel of chn_ids {ids.tolist()}")
     return idx
