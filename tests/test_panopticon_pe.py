@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dinov2.models.channel_embedding import ChnEmb, integrated_embedding, sincos_embedding
+from dinov2.models.channel_embedding import ChnEmb
 from dinov2.models.panopticon import PanopticonPE
 
 
@@ -160,19 +160,6 @@ def test_sar_embedding_table():
     assert table[3].tolist() == [2.0] * 4 + [3.0] * 4 + [6.0] * 4
     assert table[4, 8:].tolist() == [5.0] * 4  # VV ascending
     assert table[9, :8].tolist() == [1.0] * 4 + [4.0] * 4 and table[9, 8:].tolist() == [7.0] * 4  # VH descending
-
-
-def test_optical_embeddings_are_sincos_of_floor_nm():
-    emb = ChnEmb(8)
-    out = emb(torch.tensor([664.9, 442.2]))
-    assert torch.allclose(out, sincos_embedding(torch.tensor([664.0, 442.0]), 8))
-    w = 1 / 10000 ** (torch.arange(4) / 4)
-    assert torch.allclose(out[0], torch.cat([torch.sin(664 * w), torch.cos(664 * w)]).float(), atol=1e-6)
-    ipe = integrated_embedding(torch.tensor([664.0]), torch.tensor([0.0]), 8)
-    d = torch.arange(8)
-    om = 1 / 10000 ** (2 * d / 8)
-    expect = torch.where(d % 2 == 0, torch.sin(om * 664), torch.cos(om * 664))
-    assert torch.allclose(ipe[0], expect.float(), atol=1e-6)
 
 
 @pytest.mark.parametrize(

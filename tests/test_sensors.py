@@ -1,6 +1,7 @@
 """Sensor registry: ids of the reference tables, lookup by key/name, dataset band lists, errors."""
 import pytest
 import torch
+from published_tables import ENMAP_PRODUCT_NM, ENMAP_PUBLISHED_IDS, INTUITION_IDS, NEON_HS_IDS
 
 from dinov2.data import sensors
 
@@ -25,18 +26,52 @@ def test_sensor_ids_match_reference(sensor, expected):
     assert ids.tolist() == expected
 
 
-def test_hyperspectral_tables():
-    enmap = sensors.band_chn_ids("enmap", sensors.sensor_bands("enmap")).tolist()
-    assert len(enmap) == 224 and enmap[:3] == [418, 424, 429] and enmap[-2:] == [2437, 2445]
-    assert enmap.count(911) == 2 and enmap.count(993) == 2
-    sig = sensors.band_chn_ids("enmap", sensors.sensor_bands("enmap"), full_spectra=True)[:, 1]
-    assert sig.min().item() == pytest.approx(2.46) and sig.max().item() == pytest.approx(4.85)
-    aviris = sensors.band_chn_ids("aviris", sensors.sensor_bands("aviris")).tolist()
-    assert aviris[:5] == [404, 414, 423, 432, 442] and aviris[-2:] == [2485, 2495]
-    intu = sensors.band_chn_ids("intuition", sensors.sensor_bands("intuition")).tolist()
-    assert len(intu) == 150 and intu[:3] == [462, 465, 468] and intu[-2:] == [935, 938]
-    neon = sensors.band_chn_ids("neon_aop", sensors.sensor_bands("neon_aop")).tolist()
-    assert len(neon) == 429 and neon[:6] == [664, 559, 492, 382, 387, 392] and neon[-2:] == [2506, 2511]
+def _all_ids(sensor):
+    return sensors.band_chn_ids(sensor, sensors.sensor_bands(sensor)).tolist()
+
+
+def test_enmap_ids_follow_the_product_order_table():
+    """Every EnMAP band: id = int(nominal centre of that product band), within 5 nm of the table."""
+    ids = _all_ids("enmap")
+    assert len(ids) == 224
+    assert ids == [int(v) for v in ENMAP_PRODUCT_NM]
+    assert all(abs(i - v) <= 5 for i, v in zip(ids, ENMAP_PRODUCT_NM))
+    # the VNIR/SWIR overlap stays in product order: B091 (993.3 nm) is followed by B092 (902.0 nm)
+    assert ids[90:92] == [993, 902]
+    sig = sensors.band_chn_ids("enmap", sensors.sensor_bands("enmap"), full_spectra=True)
+    assert sig[:, 0].tolist() == pytest.approx(ENMAP_PRODUCT_NM)
+    assert sig[:, 1].min().item() == pytest.approx(2.46) and sig[:, 1].max().item() == pytest.approx(4.85)
+
+
+def test_enmap_published_ids_for_replication():
+    ids = _all_ids("enmap_published")
+    assert ids == ENMAP_PUBLISHED_IDS
+    # the published table is off by 9-50 nm for the 20 bands B081-B100 and by 1-2 nm for six others
+    off = [i for i, (a, b) in enumerate(zip(ids, ENMAP_PRODUCT_NM)) if abs(a - b) > 5]
+    assert off == list(range(80, 100))
+
+
+def test_hyperspectral_tables_every_id():
+    aviris = _all_ids("aviris")
+    assert aviris == [int(404.6875 + 9.375 * i) for i in range(224)]  # mu = 404.6875 + 9.375 (i - 1), i = 1..224
+    assert _all_ids("intuition") == INTUITION_IDS
+    assert _all_ids("neon_aop") == [664, 559, 492] + NEON_HS_IDS
+    dropped = set(range(104, 109)) | set(range(150, 164)) | set(range(221, 225))  # 1-based AVIRIS bands
+    assert sensors.ds_chn_ids("indian_pines").tolist() == [aviris[i - 1] for i in range(1, 225) if i not in dropped]
+    assert sensors.ds_chn_ids("hyperview").tolist() == INTUITION_IDS
+    assert sensors.ds_chn_ids("m-NeonTree").tolist() == [664, 559, 492] + NEON_HS_IDS[:369]
+
+
+def test_spectral_earth_band_lists():
+    """202 bands: B001-B126, B142-B160, B168-B224 (water-vapour bands dropped), in both id tables."""
+    keep = list(range(0, 126)) + list(range(141, 160)) + list(range(167, 224))
+    assert sensors.ds_chn_ids("spectral_earth").tolist() == [int(ENMAP_PRODUCT_NM[i]) for i in keep]
+    assert sensors.ds_chn_ids("spectral_earth_published").tolist() == [ENMAP_PUBLISHED_IDS[i] for i in keep]
+    assert sensors.ds_chn_ids("hyspecnet").tolist() == [int(v) for v in ENMAP_PRODUCT_NM]
+    stats = sensors.load_ds_cfg("spectral_earth")["metainfo"]["norm_stats"]
+    assert len(stats["mean"]) == len(stats["std"]) == 202
+    assert stats["mean"][:3] == [0.0803, 0.0789, 0.0808] and stats["mean"][-1] == 0.1355
+    assert stats["std"][:3] == [0.1522, 0.1513, 0.1514] and stats["std"][-1] == 0.1121
 
 
 def test_lookup_by_key_or_name_case_insensitive():
@@ -65,10 +100,10 @@ def test_band_info_gsd():
 
 @pytest.mark.parametrize("ds,n,head", [
     ("fmow_s2", 13, S2_IDS[:3]), ("mmearth_s1", 8, [-5, -6, -7]), ("fmow_rgb", 3, [665, 547, 482]),
-    ("satlas_s2", 9, [664, 559, 492]), ("satlas_landsat", 11, LANDSAT_IDS[:3]), ("spectral_earth", 202, [418]),
+    ("satlas_s2", 9, [664, 559, 492]), ("satlas_landsat", 11, LANDSAT_IDS),
     ("ben-s1s2", 14, [-1, -2, 442]), ("m-so2sat", 18, [-2, -2, -1, -1, -2, -1, -7, -8, 492]),
-    ("treesat-s2", 12, [492, 559, 664, 827, 704]), ("indian_pines", 201, [404]), ("m-NeonTree", 372, [664, 559, 492]),
-    ("hyperview", 150, [462]), ("m-forestnet", 6, [664, 559, 492, 704, 740, 782]), ("resisc45", 3, [664, 559, 492]),
+    ("treesat-s2", 12, [492, 559, 664, 827, 704, 740, 782, 864, 1613, 2203, 442, 945]),
+    ("m-forestnet", 6, [664, 559, 492, 704, 740, 782]), ("resisc45", 3, [664, 559, 492]),
 ])
 def test_dataset_band_lists(ds, n, head):
     ids = sensors.ds_chn_ids(ds)

@@ -6,7 +6,8 @@ import torch
 import yaml
 
 from conftest import ROOT
-from data_fixtures import write_spectral_earth_corine
+from data_fixtures import CORINE_DIR, _write_tiff_hwc, write_spectral_earth_corine
+from published_tables import ENMAP_PRODUCT_NM, ENMAP_PUBLISHED_IDS
 from test_eval_engine import DL, make_run
 
 from dinov2.data.datasets.corine_labels import load_corine_nomenclature, raster_codes
@@ -23,6 +24,8 @@ CASES = [
     ([242, 412, 421], {5, 15, 16}),
 ]
 CORINE_TASKS = ["corine-4c", "corine-12c", "corine-s2"]
+# EnMAP band (0-based, of 224) at each of the 202 SpectralEarth positions: B001-B126, B142-B160, B168-B224
+SE_BANDS = list(range(0, 126)) + list(range(141, 160)) + list(range(167, 224))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,23 @@ def test_corine_normalisation_transform_and_errors(corine, tmp_path):
     x, y = ds[0]
     assert x["chn_ids"].tolist() == [520, 1116, 2086, 2207] and x["imgs"].shape == (4, 8, 8)
     assert torch.isfinite(x["imgs"]).all() and y.sum() == 2
+    # default normalisation: the published SpectralEarth constants (first bands typed in: mean 0.0803, 0.0789;
+    # std 0.1522, 0.1513), nothing computed or cached
+    raw = np.clip(corine["written"]["val"][0][2].transpose(2, 0, 1).astype(np.float64), 0, 10000) / 10000
+    full = SpectralEarthDataset(split="val", task_dir="corine", root=str(corine["ds_root"]))[0][0]["imgs"]
+    assert np.allclose(full[0].numpy(), (raw[0] - 0.0803) / 0.1522, atol=1e-5)
+    assert np.allclose(full[1].numpy(), (raw[1] - 0.0789) / 0.1513, atol=1e-5)
+    assert np.allclose(full[201].numpy(), (raw[201] - 0.1355) / 0.1121, atol=1e-5)
+    assert not (corine["ds_root"] / "spectral_earth/splits/corine/band_stats.json").exists()
+    # a user-given band_stats overrides them; 'from_data' computes and caches robust statistics
+    given = {"mean": [0.5] * 202, "std": [2.0] * 202}
+    own = SpectralEarthDataset(split="val", task_dir="corine", root=str(corine["ds_root"]), band_stats=given)[0][0]
+    assert np.allclose(own["imgs"].numpy(), (raw - 0.5) / 2.0, atol=1e-5)
+    SpectralEarthDataset(split="val", task_dir="corine", root=str(corine["ds_root"]), band_stats="from_data")
     assert (corine["ds_root"] / "spectral_earth/splits/corine/band_stats.json").is_file()
+    with pytest.raises(ValueError, match="band stats have 3 entries, expected 202"):
+        SpectralEarthDataset(split="val", task_dir="corine", root=str(corine["ds_root"]),
+                             band_stats={"mean": [0.0] * 3, "std": [1.0] * 3})
     with pytest.raises(ValueError, match="task_dir 'cdl' is unknown; valid: enmap, corine"):
         SpectralEarthDataset(task_dir="cdl", root=str(corine["ds_root"]))
     with pytest.raises(ValueError, match="return_multilabel needs a labelled task_dir"):
@@ -92,25 +111,78 @@ def test_corine_normalisation_transform_and_errors(corine, tmp_path):
         moved.rename(label)
 
 
+def test_channel_ids_product_order_and_published_option(corine):
+    """Default ids: product-order EnMAP centres of the 202 bands; `published_ids` gives the published table."""
+    root = str(corine["ds_root"])
+    x, _ = SpectralEarthDataset(split="test", task_dir="corine", root=root, normalize=False)[0]
+    assert x["chn_ids"].tolist() == [int(ENMAP_PRODUCT_NM[b]) for b in SE_BANDS]
+    assert all(abs(i - ENMAP_PRODUCT_NM[b]) <= 5 for i, b in zip(x["chn_ids"].tolist(), SE_BANDS))
+    xp, _ = SpectralEarthDataset(split="test", task_dir="corine", root=root, normalize=False, published_ids=True)[0]
+    assert xp["chn_ids"].tolist() == [ENMAP_PUBLISHED_IDS[b] for b in SE_BANDS]
+    assert torch.equal(xp["imgs"], x["imgs"])  # same channels, only the ids differ
+    fs = SpectralEarthDataset(split="test", task_dir="corine", root=root, normalize=False, full_spectra=True)[0][0]
+    assert fs["chn_ids"][:, 0].tolist() == pytest.approx([ENMAP_PRODUCT_NM[b] for b in SE_BANDS])
+
+
+def test_224_band_files_refused_unless_asked(corine, tmp_path):
+    """A full 224-band EnMAP cube is refused with a message naming the 202 expected bands; `from_224_bands`
+    keeps exactly the SpectralEarth bands."""
+    root = tmp_path / "ds"
+    rel = "T0/full.tif"
+    cube = (np.arange(224, dtype=np.int16)[None, None, :] * 10 + np.zeros((4, 4, 1), np.int16))
+    _write_tiff_hwc(str(root / CORINE_DIR / "enmap" / rel), cube)
+    _write_tiff_hwc(str(root / CORINE_DIR / "corine" / rel), np.full((4, 4), 111, np.uint16))
+    (root / "spectral_earth/splits/corine").mkdir(parents=True)
+    (root / "spectral_earth/splits/corine/train.txt").write_text(rel + "\n")
+    ds = SpectralEarthDataset(task_dir="corine", root=str(root), normalize=False)
+    with pytest.raises(ValueError, match="full.tif has 224 bands; 202 bands are expected.*from_224_bands"):
+        ds[0]
+    x, _ = SpectralEarthDataset(task_dir="corine", root=str(root), normalize=False, from_224_bands=True)[0]
+    assert x["imgs"].shape == (202, 4, 4)
+    assert (x["imgs"][:, 0, 0] * 10000 / 10).round().long().tolist() == SE_BANDS
+
+
+def test_chnselect_refuses_ambiguous_wavelengths():
+    """Two EnMAP bands have id 993 in both tables: a wavelength cannot choose between them."""
+    from dinov2.data.augmentations import make_augmentation
+
+    for name in ("spectral_earth", "spectral_earth_published"):
+        x = {"imgs": torch.zeros(202, 2, 2), "chn_ids": ds_chn_ids(name)}
+        with pytest.raises(ValueError, match="wavelength 993 is ambiguous"):
+            make_augmentation([{"id": "ChnSelect", "wavelengths": [993]}])(x)
+
+
 def test_shipped_corine_configs(corine):
-    """The published wavelength selections pick exactly those EnMAP channels; corine-s2 ends with the fixed
-    B11/B12 pair (§9.8); the W&B `_sim` group names the three tasks."""
+    """The corine tasks select the published positions of the 202-band tensor; at those positions the published
+    id table reads exactly the published wavelengths (4c 520 ... 2207, 12c 477 ... 2361). corine-s2 is the
+    S2-matched set (a documented difference). The W&B `_sim` group names the three tasks."""
     from dinov2.data.augmentations import make_augmentation
     from dinov2.eval.tasks import build_task_cfg
     from omegaconf import OmegaConf
 
-    ids = ds_chn_ids("spectral_earth")
-    x = {"imgs": torch.zeros(202, 2, 2), "chn_ids": ids}
-    picked = {}
+    published = {"corine-4c": [520, 1116, 2086, 2207],
+                 "corine-12c": [477, 582, 686, 763, 921, 993, 1070, 1553, 1674, 2095, 2298, 2361]}
+    # positions by hand: 12c band 6 is position 100 = EnMAP B101 (993.1 nm), not position 99 (B100, 982.5 nm)
+    positions = {"corine-4c": [21, 111, 157, 171],
+                 "corine-12c": [12, 33, 50, 61, 84, 100, 107, 128, 139, 158, 182, 190],
+                 "corine-s2": [5, 15, 29, 47, 53, 58, 64, 69, 74, 84, 133, 171]}
+    marker = torch.arange(202, dtype=torch.float32)[:, None, None].expand(202, 2, 2)
     for name in CORINE_TASKS:
         cfg = OmegaConf.to_container(build_task_cfg(ROOT / f"dinov2/configs/eval/15min/sim/{name}.yaml"))
         assert cfg["task"]["id"] == "multilabelclassification" and cfg["optim"]["epochs"] == 10
         for ds_cfg in [cfg["train_dataset"], cfg["val_dataset"], *cfg["test_datasets_list"]]:
             assert ds_cfg["id"] == "SpectralEarth" and ds_cfg["task_dir"] == "corine" and ds_cfg["return_multilabel"]
-        picked[name] = make_augmentation(cfg["test_datasets_list"][0]["transform"][:1])(x)["chn_ids"].tolist()
-    assert picked["corine-4c"] == [520, 1116, 2086, 2207]
-    assert picked["corine-12c"] == [477, 582, 686, 763, 921, 993, 1070, 1553, 1674, 2095, 2298, 2361]
-    assert picked["corine-s2"][-2:] == [1609, 2207] and len(picked["corine-s2"]) == 12
+            assert ds_cfg["transform"][0] == cfg["train_dataset"]["transform"][0]
+        select = make_augmentation(cfg["test_datasets_list"][0]["transform"][:1])
+        out = select({"imgs": marker, "chn_ids": ds_chn_ids("spectral_earth")})
+        assert out["imgs"][:, 0, 0].long().tolist() == positions[name]
+        assert out["chn_ids"].tolist() == [int(ENMAP_PRODUCT_NM[SE_BANDS[p]]) for p in positions[name]]
+        pub = select({"imgs": marker, "chn_ids": ds_chn_ids("spectral_earth_published")})["chn_ids"].tolist()
+        if name in published:
+            assert pub == published[name]
+    s2 = [int(ENMAP_PRODUCT_NM[SE_BANDS[p]]) for p in positions["corine-s2"]]
+    s2_nm = [442.9, 492, 559, 664, 704, 740, 782, 827, 864, 945, 1613, 2203]  # Sentinel-2 B1-B9, B11, B12
+    assert all(abs(a - b) < 7 for a, b in zip(s2, s2_nm)), s2
     groups = yaml.safe_load((ROOT / "dinov2/configs/eval/defaults/wandb_averages.yaml").read_text())
     assert groups["_sim"] == [f"15min/sim/{n}/MulLabAvergPrec_micro" for n in CORINE_TASKS]
 

@@ -1,6 +1,6 @@
 """Building blocks of the spectral augmentations and the eval transforms.
 
-Two data shapes flow through here (see DESIGN.md, "Data contracts"):
+Two data shapes flow through here:
 - a *view*: `{'imgs': [Tensor(c_g,H_g,W_g), ...], 'chn_ids': [Tensor(c_g,) or (c_g,2), ...]}` (groups of bands
   sharing one resolution, all covering the same ground footprint);
 - an *x_dict* / crop: `{'imgs': Tensor(C,H,W), 'chn_ids': Tensor(C,) or (C,2), optional 'spec_masks': (C,)}`.
@@ -192,7 +192,7 @@ class ColorJitterRS:
 
     Each channel is treated as its own grey image (contrast blends it with its own spatial mean); factors are
     drawn once per call and the op order is random. Unlike torchvision's float ColorJitter the result is NOT
-    clamped to [0, 1] — inputs are z-scored (published fault, reference §9.4). Saturation and hue have no
+    clamped to [0, 1] — inputs are z-scored (the published code clamps them, a fault). Saturation and hue have no
     meaning for single-channel images and must be 0.
     """
 
@@ -306,7 +306,8 @@ class ChnSelect:
     Args:
         idxs: channel indices into the input.
         wavelengths: wanted chn_ids (nm; SAR codes are negative ints); each picks the channel whose id (mu for
-            (C,2) ids) is nearest, which must lie within `max_diff_nm`.
+            (C,2) ids) is nearest, which must lie within `max_diff_nm`. When several channels are equally near
+            (e.g. the two EnMAP bands with id 993) the choice is ambiguous and an error asks for `idxs`.
         max_diff_nm: largest accepted distance between a wanted wavelength and the chosen channel's id.
     """
 
@@ -332,6 +333,10 @@ class ChnSelect:
             if diff[k] > self.max_diff_nm:
                 raise ValueError(f"ChnSelect: no channel within {self.max_diff_nm} nm of {wl}; nearest id is "
                                  f"{mus[k].item():g}; available ids {mus.tolist()}")
+            tied = torch.nonzero(diff == diff[k]).flatten().tolist()
+            if len(tied) > 1:
+                raise ValueError(f"ChnSelect: wavelength {wl:g} is ambiguous, channels {tied} have ids "
+                                 f"{mus[tied].tolist()}; select them by idxs instead")
             chosen.append(k)
         if len(set(chosen)) != len(chosen):
             raise ValueError(f"ChnSelect: wavelengths {self.wavelengths} select the same channel more than once")

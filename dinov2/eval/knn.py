@@ -5,7 +5,8 @@ Features are L2-normalised, similarity is cosine, and the k nearest training sam
 class. Multilabel: one binary kNN per label, whose positive-class score (summed weight of neighbours carrying
 the label, in [0, 1]) is that label's probability (no softmax across labels, so thresholded metrics stay
 meaningful). Few-shot: the train set is subsampled to ``n`` samples per class, ``n_tries`` times, and metrics
-are averaged over the tries.
+are averaged over the tries; as in the published (DINOv2) code the k values of a few-shot run are
+``sorted(set(nb_knn) | {n})`` without those above ``n`` (`few_shot_ks`).
 """
 from __future__ import annotations
 
@@ -72,6 +73,14 @@ def few_shot_indices(labels: torch.Tensor, n_per_class: int, generator: torch.Ge
     return torch.unique(torch.cat(chosen)) if chosen else torch.zeros(0, dtype=torch.long)
 
 
+def few_shot_ks(ks: Sequence[int], n_per_class: int) -> List[int]:
+    """The k values evaluated with ``n_per_class`` samples per class: the configured ks plus ``n`` itself, keeping
+    only k <= n (``n_per_class < 0``, the full train set, keeps the configured ks)."""
+    if n_per_class < 0:
+        return [int(k) for k in ks]
+    return sorted(k for k in {int(k) for k in ks} | {int(n_per_class)} if 0 < k <= n_per_class)
+
+
 def run_knn(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
             test_labels: torch.Tensor, metrics: Sequence[Metric], num_classes: int, ks: Sequence[int] = (20,),
             temperature: float = 0.07, multilabel: bool = False, n_per_class_list: Sequence[int] = (-1,),
@@ -82,17 +91,20 @@ def run_knn(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: t
     gen = torch.Generator().manual_seed(seed)
     for npc in n_per_class_list:
         tries = 1 if npc < 0 else max(1, n_tries)
-        acc: Dict[int, List[Dict[str, float]]] = {k: [] for k in ks}
+        npc_ks = few_shot_ks(ks, npc)
+        if not npc_ks:
+            raise ValueError(f"kNN few-shot n_per_class={npc} leaves no k to evaluate (nb_knn={list(ks)})")
+        acc: Dict[int, List[Dict[str, float]]] = {k: [] for k in npc_ks}
         for _ in range(tries):
             if npc < 0:
                 tf, tl = train_feats, train_labels
             else:
                 sel = few_shot_indices(train_labels, npc, gen, multilabel)
                 tf, tl = train_feats[sel], train_labels[sel]
-            scores = knn_scores(tf, tl, test_feats, ks, num_classes, temperature, multilabel)
-            for k in ks:
+            scores = knn_scores(tf, tl, test_feats, npc_ks, num_classes, temperature, multilabel)
+            for k in npc_ks:
                 acc[k].append(compute_metrics(metrics, scores[k], test_labels))
-        for k in ks:
+        for k in npc_ks:
             key = ("full" if npc < 0 else str(npc), int(k))
             results[key] = {m: sum(r[m] for r in acc[k]) / len(acc[k]) for m in acc[k][0]}
     return results

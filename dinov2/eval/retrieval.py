@@ -8,8 +8,15 @@ of the true pair (1 = first, chance ~ N/2),
 ``mean_pair_cosine`` (mean cosine of the true pairs) and ``mean_other_cosine`` (mean cosine of all wrong pairs)
 so the gap between the two is visible, plus ``n_samples``.
 
-Band subsets are given per task as ``{channels: [i, ...]}`` (indices into the sample's channels) or
-``{wavelength_nm: [lo, hi]}`` (all channels whose chn_id lies in [lo, hi]; SAR ids are negative).
+Band subsets are given per task in one of these forms, so one task file works for any sensor and band count:
+
+- ``{wavelength_nm: [lo, hi]}`` or ``{wavelength_nm: [[lo, hi], [lo2, hi2], ...]}``: all channels whose chn_id
+  lies in one of the ranges (nm; SAR ids are negative);
+- ``{alternate: even}`` / ``{alternate: odd}``: every other channel in wavelength order (ranks 0, 2, 4, ... or
+  1, 3, 5, ... of the channels sorted by chn_id), two interleaved halves of any stack with at least 2 bands;
+- ``{sensor: <registry name>, bands: [<band key or name>, ...]}``: the channels whose chn_id is that of the named
+  bands of that sensor (e.g. ``{sensor: landsat8, bands: [red, nir]}``);
+- ``{channels: [i, ...]}``: fixed indices into the sample's channels (only for stacks of known layout).
 """
 from __future__ import annotations
 
@@ -18,23 +25,53 @@ from typing import Dict, List, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+SUBSET_KEYS = ("channels", "wavelength_nm", "alternate", "bands")
+
+
+def _ranges(value, what: str) -> List[Sequence[float]]:
+    """``[lo, hi]`` or a list of such pairs, checked."""
+    vals = list(value) if isinstance(value, (list, tuple)) else [value]
+    pairs = vals if vals and isinstance(vals[0], (list, tuple)) else [vals]
+    out = []
+    for pair in pairs:
+        pair = [float(v) for v in pair]
+        if len(pair) != 2 or pair[0] > pair[1]:
+            raise ValueError(f"{what}: wavelength_nm needs [lo, hi] ranges with lo <= hi, got {value}")
+        out.append(pair)
+    return out
+
 
 def resolve_band_subset(spec: Mapping, chn_ids: torch.Tensor, what: str = "band subset") -> List[int]:
     """Channel indices selected by ``spec`` for a sample whose channel ids are ``chn_ids`` ((C,) or (C,2))."""
     ids = chn_ids[..., 0] if chn_ids.ndim == 2 else chn_ids
     ids = ids.float()
     n_ch = ids.shape[0]
-    keys = set(spec) & {"channels", "wavelength_nm"}
-    if len(keys) != 1:
-        raise ValueError(f"{what} must give exactly one of 'channels' or 'wavelength_nm', got {dict(spec)}")
+    keys = set(spec) & set(SUBSET_KEYS)
+    extra = set(spec) - set(SUBSET_KEYS) - {"sensor"}
+    if len(keys) != 1 or extra or (("sensor" in spec) != ("bands" in spec)):
+        raise ValueError(f"{what} must give exactly one of 'wavelength_nm', 'alternate', 'sensor' + 'bands' or "
+                         f"'channels', got {dict(spec)}")
     if "channels" in spec:
         idx = [int(i) for i in spec["channels"]]
         bad = [i for i in idx if not 0 <= i < n_ch]
         if bad:
-            raise ValueError(f"{what}: channel indices {bad} out of range for {n_ch} channels")
+            raise ValueError(f"{what}: channel indices {bad} out of range for {n_ch} channels (chn_ids "
+                             f"{ids.tolist()}); select by wavelength_nm, alternate or sensor + bands instead")
+    elif "wavelength_nm" in spec:
+        ranges = _ranges(spec["wavelength_nm"], what)
+        idx = [i for i in range(n_ch) if any(lo <= float(ids[i]) <= hi for lo, hi in ranges)]
+    elif "alternate" in spec:
+        parity = str(spec["alternate"]).lower()
+        if parity not in ("even", "odd"):
+            raise ValueError(f"{what}: alternate must be 'even' or 'odd', got {spec['alternate']!r}")
+        order = sorted(range(n_ch), key=lambda i: (float(ids[i]), i))
+        idx = sorted(order[0 if parity == "even" else 1::2])
     else:
-        lo, hi = (float(v) for v in spec["wavelength_nm"])
-        idx = [i for i in range(n_ch) if lo <= float(ids[i]) <= hi]
+        from dinov2.data.sensors import band_chn_ids
+
+        # compare integer ids (what the model embeds), so (mu, sigma) samples match too
+        wanted = set(band_chn_ids(str(spec["sensor"]), [str(b) for b in spec["bands"]]).tolist())
+        idx = [i for i in range(n_ch) if int(ids[i]) in wanted]
     if not idx:
         raise ValueError(f"{what} {dict(spec)} selects no channel of chn_ids {ids.tolist()}")
     return idx

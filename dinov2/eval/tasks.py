@@ -64,9 +64,11 @@ def build_task_cfg(path: Path, overrides: Optional[Mapping[str, Any]] = None):
     if not default_path.is_file():
         default_path = PKG_EVAL_CFG / "defaults" / DEFAULT_FILES[task_id]
     default = OmegaConf.load(default_path)
-    for key in REPLACE_NOT_MERGE:  # a band subset given by the task replaces the default one entirely
+    for key in REPLACE_NOT_MERGE:  # a band subset replaces the one below it (default <- task <- override) entirely
         if OmegaConf.select(task, key) is not None or OmegaConf.select(ov, key) is not None:
             OmegaConf.update(default, key, None, merge=False)
+        if OmegaConf.select(ov, key) is not None and OmegaConf.select(task, key) is not None:
+            OmegaConf.update(task, key, None, merge=False)
     cfg = OmegaConf.merge(default, task, ov)
     plain = OmegaConf.to_container(cfg, resolve=True)
     for scratch in ("_vars", "_default_augms"):

@@ -1,7 +1,9 @@
 """GeoTiffScenes: a user's own GeoTIFF scenes tiled into multi-resolution patches (pretraining or eval).
 
 A scene is `{sensor: <registry name>, files: {<band key or name>: <path>}, ...}` (one single-band file per band)
-or `{sensor, file: <multi-band tif>, bands: [<band per file band, or null to skip>]}`; optional keys `name`,
+or `{sensor, file: <multi-band tif>, bands: [<band per file band, or null to skip>]}`; `bands` may be left out
+when the file holds every band of the sensor in registry order (e.g. an EnMAP L2A `SPECTRAL_IMAGE` with its 224
+bands in product order, sensor `enmap`); optional keys `name`,
 `nodata` (default: the files' nodata value), `mean`/`std` (per band, `{band: value}` or a list in channel order)
 and `label` (eval label; default the scene index). `scenes` may also be the path of a YAML file holding that list
 (or `{scenes: [...]}`); relative file paths are then resolved against the YAML's folder. `$VARS` are expanded.
@@ -30,7 +32,7 @@ from torch.utils.data import Dataset
 
 from dinov2.data.io import FaultyFileLog, LazyHandles, UnreadableFileError, expand_path, open_raster, with_retries
 from dinov2.data.normalize import robust_band_stats
-from dinov2.data.sensors import band_chn_ids, resolve_band
+from dinov2.data.sensors import band_chn_ids, resolve_band, sensor_bands
 from dinov2.data.tiling import (RasterGroup, cell_grid, group_window, patch_origins, patch_pixels,
                                 patch_valid_fraction, valid_patch_sizes)
 from dinov2.data.views import make_view
@@ -76,11 +78,22 @@ def _scene_channels(spec: Dict[str, Any], base_dir: Optional[str], idx: int) -> 
 
     if "files" in spec:
         return [(resolve_band(sensor, b), path_of(p), 1) for b, p in dict(spec["files"]).items()]
+    path = path_of(spec["file"])
     bands = spec.get("bands")
     if not bands:
-        raise ValueError(f"scene {idx}: a multi-band 'file' needs a 'bands' list (null to skip a band)")
-    path = path_of(spec["file"])
+        bands = _all_sensor_bands(path, str(sensor), idx)
     return [(resolve_band(sensor, b), path, i + 1) for i, b in enumerate(bands) if b is not None]
+
+
+def _all_sensor_bands(path: str, sensor: str, idx: int) -> List[str]:
+    """Every band of `sensor` for a multi-band file without a band list, if its band count says it holds them."""
+    keys = sensor_bands(sensor)
+    with open_raster(path) as src:
+        count = src.count
+    if count != len(keys):
+        raise ValueError(f"scene {idx}: {path} has {count} bands and no 'bands' list; give one band key or name per "
+                         f"file band (null to skip), or a file with all {len(keys)} bands of sensor {sensor!r}")
+    return keys
 
 
 def _band_values(spec_value: Any, keys: List[str], sensor: str, what: str) -> Optional[List[float]]:

@@ -1,14 +1,24 @@
-"""SpectralEarthDataset: EnMAP hyperspectral patches (202 bands), pretraining and the CORINE task (reference §2.5).
+"""SpectralEarthDataset: EnMAP hyperspectral patches (202 bands), pretraining and the CORINE task.
 
 Layout: split lists `<root>/spectral_earth/splits/<task_dir>/<split>.txt` (one relative TIFF path per line);
 `task_dir='enmap'` (pretraining) reads images under `<root>/spectral_earth/enmap/`; `task_dir='corine'` reads
 images under `<root>/spectral_earth/spectral_earth_downstream_datasets/enmap_corine/enmap/` and CORINE Land Cover
-label rasters under `.../enmap_corine/corine/` with the same relative path. Images are HWC TIFFs (202 bands,
-128x128). Normalisation: clamp to [0, 10000], divide by 10000, then per-band z-score. The published per-band
-constants are not part of this repository; the statistics are given as `band_stats={'mean': [...], 'std': [...]}`
-(or a JSON path) or computed robustly from a sample of training patches and cached in
-`<splits dir>/band_stats.json` (a downstream task reuses the pretraining cache `splits/enmap/band_stats.json`
-when it has none of its own, so the probe sees the pretraining normalisation).
+label rasters under `.../enmap_corine/corine/` with the same relative path. Images are HWC TIFFs with the 202
+SpectralEarth bands (EnMAP B001-B126, B142-B160, B168-B224 in product order), 128x128.
+
+Channel ids: by default the EnMAP mission's nominal centre wavelengths in product order (sensor `enmap`).
+Differs on purpose from the published code, whose ids are sorted across the VNIR/SWIR overlap and so are up to
+50 nm off for the 20 bands B081-B100 (positions 80-99); `published_ids=True` uses the published ids (sensor
+`enmap_published`) to replicate the published recipe exactly. Channel positions are the same in both cases.
+
+Normalisation: clamp to [0, 10000], divide by 10000, then per-band z-score with the published SpectralEarth
+constants (`norm_stats` in `configs/data/pretrain/spectral_earth.yaml`, the statistics the released weights
+saw). `band_stats={'mean': [...], 'std': [...]}` or a JSON path overrides them; `band_stats='from_data'`
+computes robust statistics from `stats_num_samples` training patches (cached in `<splits dir>/band_stats.json`;
+a downstream task reuses the pretraining cache `splits/enmap/band_stats.json` when it has none of its own).
+
+Files with all 224 EnMAP bands are refused (202 are expected) unless `from_224_bands=True`, which keeps the 202
+SpectralEarth bands of each file.
 """
 from __future__ import annotations
 
@@ -23,13 +33,16 @@ from torch.utils.data import Dataset
 
 from dinov2.data.datasets.corine_labels import load_corine_nomenclature, raster_codes
 from dinov2.data.io import FaultyFileLog, read_tiff_chw, require_path, resolve_root, with_retries
-from dinov2.data.normalize import BandNormalizer, robust_band_stats, to_float_tensor
-from dinov2.data.sensors import ds_chn_ids
+from dinov2.data.normalize import BandNormalizer, normalizer_from_ds_cfg, robust_band_stats, to_float_tensor
+from dinov2.data.sensors import ds_chn_ids, load_ds_cfg
 from dinov2.data.views import make_view
 
 logger = logging.getLogger("dinov2")
 RGB_IDX = [43, 28, 10]
 N_BANDS = 202
+N_ENMAP_BANDS = 224
+DS_CFG, DS_CFG_PUBLISHED = "spectral_earth", "spectral_earth_published"
+FROM_DATA = "from_data"
 SCALE = 10000.0
 PRETRAIN_TASK = "enmap"
 # task_dir -> folder of its images (and of its label rasters) below `<root>/spectral_earth`
@@ -64,6 +77,8 @@ class SpectralEarthDataset(Dataset):
         max_tries_load_img: int = 3,
         return_multilabel: bool = False,
         display_name: Optional[str] = None,
+        published_ids: bool = False,
+        from_224_bands: bool = False,
     ):
         split = "train" if split is None else split
         if split not in ("train", "val", "test"):
@@ -91,9 +106,13 @@ class SpectralEarthDataset(Dataset):
         self.relpaths = self._read_list(self.split_file)
         self.normalize, self.transform, self.max_tries = normalize, transform, max_tries_load_img
         self.faulty = FaultyFileLog(faulty_imgs_file)
-        chn = ds_chn_ids("spectral_earth", full_spectra)
+        ds_name = DS_CFG_PUBLISHED if published_ids else DS_CFG
+        chn = ds_chn_ids(ds_name, full_spectra)
         if len(chn) != N_BANDS:
-            raise ValueError(f"config spectral_earth lists {len(chn)} bands, expected {N_BANDS}")
+            raise ValueError(f"config {ds_name} lists {len(chn)} bands, expected {N_BANDS}")
+        # positions of the 202 bands in a full 224-band EnMAP file (band keys B001..B224)
+        self.idx_in_224 = [int(b["key"][1:]) - 1 for b in load_ds_cfg(DS_CFG)["bands"]]
+        self.from_224_bands = from_224_bands
         self.chn_idx: Optional[List[int]] = RGB_IDX if return_rgb else (
             list(return_chns_by_id) if return_chns_by_id is not None else None)
         if self.chn_idx is not None and not all(-N_BANDS <= i < N_BANDS for i in self.chn_idx):
@@ -123,14 +142,29 @@ class SpectralEarthDataset(Dataset):
             fh.write("\n".join(rels) + "\n")
 
     def _load_stats(self, band_stats, n_samples: int) -> BandNormalizer:
+        if band_stats is None:
+            return normalizer_from_ds_cfg(DS_CFG)
+        if band_stats == FROM_DATA:
+            return self._stats_from_data(n_samples)
+        if isinstance(band_stats, str):
+            with open(band_stats) as fh:
+                band_stats = json.load(fh)
+        if not isinstance(band_stats, dict) or "mean" not in band_stats or "std" not in band_stats:
+            raise ValueError(f"SpectralEarth band_stats must be None, {FROM_DATA!r}, a JSON path or "
+                             f"{{'mean': [...], 'std': [...]}}, got {band_stats!r:.200}")
+        norm = BandNormalizer(band_stats["mean"], band_stats["std"], "spectral_earth")
+        if len(norm) != N_BANDS:
+            raise ValueError(f"SpectralEarth band stats have {len(norm)} entries, expected {N_BANDS}")
+        return norm
+
+    def _stats_from_data(self, n_samples: int) -> BandNormalizer:
+        band_stats = None
         cache = os.path.join(self.split_dir, "band_stats.json")
         pretrain_cache = os.path.join(os.path.dirname(self.split_dir), PRETRAIN_TASK, "band_stats.json")
         for candidate in (cache, pretrain_cache):
             if band_stats is None and os.path.exists(candidate):
-                band_stats = candidate
-        if isinstance(band_stats, str):
-            with open(band_stats) as fh:
-                band_stats = json.load(fh)
+                with open(candidate) as fh:
+                    band_stats = json.load(fh)
         if band_stats is None:
             band_stats = self._compute_stats(n_samples)
             try:
@@ -157,11 +191,19 @@ class SpectralEarthDataset(Dataset):
         logger.info("SpectralEarth: band stats computed from %d patches", len(pick))
         return {"mean": [m for m, _ in stats], "std": [s for _, s in stats]}
 
-    @staticmethod
-    def _scaled(arr: np.ndarray, rel: str) -> np.ndarray:
-        if arr.shape[0] != N_BANDS:
-            raise ValueError(f"SpectralEarth patch {rel} has {arr.shape[0]} bands, expected {N_BANDS}")
-        return np.clip(arr.astype(np.float32), 0.0, SCALE) / SCALE
+    def _bands(self, arr: np.ndarray, rel: str) -> np.ndarray:
+        """The 202 SpectralEarth bands of a file (refusing other band counts, 224 unless `from_224_bands`)."""
+        if arr.shape[0] == N_BANDS:
+            return arr
+        if arr.shape[0] == N_ENMAP_BANDS and self.from_224_bands:
+            return arr[self.idx_in_224]
+        hint = (" (a full EnMAP product: pass from_224_bands=True to keep the 202 SpectralEarth bands, or read "
+                "it with GeoTiffScenes and sensor 'enmap')" if arr.shape[0] == N_ENMAP_BANDS else "")
+        raise ValueError(f"SpectralEarth patch {rel} has {arr.shape[0]} bands; {N_BANDS} bands are expected "
+                         f"(EnMAP B001-B126, B142-B160, B168-B224){hint}")
+
+    def _scaled(self, arr: np.ndarray, rel: str) -> np.ndarray:
+        return np.clip(self._bands(arr, rel).astype(np.float32), 0.0, SCALE) / SCALE
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -169,9 +211,7 @@ class SpectralEarthDataset(Dataset):
     def load(self, idx: int) -> torch.Tensor:
         """One patch as a float32 (C,H,W) tensor, scaled and normalised."""
         rel = self.relpaths[idx]
-        arr = read_tiff_chw(os.path.join(self.img_dir, rel))
-        if arr.shape[0] != N_BANDS:
-            raise ValueError(f"SpectralEarth patch {rel} has {arr.shape[0]} bands, expected {N_BANDS}")
+        arr = self._bands(read_tiff_chw(os.path.join(self.img_dir, rel)), rel)
         x = to_float_tensor(arr).clamp_(0.0, SCALE)
         if self.norm is None:
             x.div_(SCALE)
