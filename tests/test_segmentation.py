@@ -107,10 +107,14 @@ def test_dense_collate_pads_to_patch_multiple_and_ignores_padding():
 
 @pytest.mark.parametrize("kind", ["linear", "upernet"])
 def test_heads_shapes(kind):
-    head = build_dense_head(kind, embed_dim=16, n_maps=3, num_classes=5, channels=8)
+    head = build_dense_head(kind, [16, 16, 16], num_classes=5, channels=8)
     maps = [torch.randn(2, 16, 4, 6) for _ in range(3)]
     out = head(maps)
     assert out.shape[:2] == (2, 5) and out.shape[-2] >= 4
+    # CNN-like stages: other widths and sizes, already a pyramid
+    head = build_dense_head(kind, [8, 16], num_classes=5, channels=8, pyramid=False)
+    out = head([torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)])
+    assert out.shape == (2, 5, 8, 8)
 
 
 def test_geobench_segmentation_masks_read_back(seg_world, monkeypatch):

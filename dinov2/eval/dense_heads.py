@@ -1,7 +1,9 @@
 """Dense prediction heads on ViT feature maps (``get_intermediate_layers(..., reshape=True)``).
 
-Every head takes a list of ``(B, D, h, w)`` maps (one per selected block, shallow to deep) and returns logits
-``(B, K, h', w')`` that the caller upsamples bilinearly to the label size:
+Every head takes a list of ``(B, D_i, h_i, w_i)`` maps (one per selected block or stage, shallow to deep) and
+returns logits ``(B, K, h', w')`` that the caller upsamples bilinearly to the label size. ViT maps share one patch
+grid (``pyramid=True`` builds the multi-scale pyramid from them); CNN stages already form a pyramid
+(``pyramid=False`` uses them as they are).
 
 - ``linear``: BatchNorm + 1x1 convolution on the channel-concatenation of the maps (a linear per-patch
   classifier; the BatchNorm only standardises the frozen features, as DINOv2's linear segmentation probe does);
@@ -22,16 +24,20 @@ PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
 
 
 class LinearSegHead(nn.Module):
-    """BatchNorm + 1x1 conv over the concatenated block features (per-patch linear classifier)."""
+    """BatchNorm + 1x1 conv over the concatenated block features (per-patch linear classifier); maps of other
+    sizes are resized (bilinear) to the first map's grid first."""
 
-    def __init__(self, embed_dim: int, n_maps: int, num_classes: int):
+    def __init__(self, in_dims: Sequence[int], num_classes: int):
         super().__init__()
-        self.bn = nn.BatchNorm2d(embed_dim * n_maps)
-        self.cls = nn.Conv2d(embed_dim * n_maps, num_classes, kernel_size=1)
+        self.bn = nn.BatchNorm2d(sum(in_dims))
+        self.cls = nn.Conv2d(sum(in_dims), num_classes, kernel_size=1)
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.zeros_(self.cls.bias)
 
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        size = maps[0].shape[-2:]
+        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                for m in maps]
         return self.cls(self.bn(torch.cat(list(maps), dim=1)))
 
 
@@ -57,14 +63,15 @@ def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
 class UPerNetLite(nn.Module):
     """Feature pyramid from ViT maps + FPN top-down fusion + concatenation head (UPerNet without the PPM)."""
 
-    def __init__(self, embed_dim: int, n_maps: int, num_classes: int, channels: int = 128):
+    def __init__(self, in_dims: Sequence[int], num_classes: int, channels: int = 128, pyramid: bool = True):
         super().__init__()
+        n_maps = len(in_dims)
         if not 1 <= n_maps <= len(PYRAMID_SCALES):
             raise ValueError(f"upernet decoder takes 1 to {len(PYRAMID_SCALES)} block maps, got {n_maps}")
         # the deepest map gets the coarsest scale; with fewer maps the finest scales are kept
-        self.scales = PYRAMID_SCALES[:n_maps]
-        self.resample = nn.ModuleList([_resampler(embed_dim, s) for s in self.scales])
-        self.lateral = nn.ModuleList([_conv_bn_relu(embed_dim, channels, 1) for _ in self.scales])
+        self.scales = PYRAMID_SCALES[:n_maps] if pyramid else (1.0,) * n_maps
+        self.resample = nn.ModuleList([_resampler(d, s) for d, s in zip(in_dims, self.scales)])
+        self.lateral = nn.ModuleList([_conv_bn_relu(d, channels, 1) for d in in_dims])
         self.smooth = nn.ModuleList([_conv_bn_relu(channels, channels, 3) for _ in self.scales])
         self.fuse = _conv_bn_relu(channels * n_maps, channels, 3)
         self.cls = nn.Conv2d(channels, num_classes, kernel_size=1)
@@ -82,10 +89,11 @@ class UPerNetLite(nn.Module):
         return self.cls(self.fuse(torch.cat(up, dim=1)))
 
 
-def build_dense_head(kind: str, embed_dim: int, n_maps: int, num_classes: int, channels: int = 128) -> nn.Module:
-    """A dense head by name (``linear`` or ``upernet``)."""
+def build_dense_head(kind: str, in_dims: Sequence[int], num_classes: int, channels: int = 128,
+                     pyramid: bool = True) -> nn.Module:
+    """A dense head by name (``linear`` or ``upernet``) for maps with ``in_dims`` channels."""
     if kind == "linear":
-        return LinearSegHead(embed_dim, n_maps, num_classes)
+        return LinearSegHead(in_dims, num_classes)
     if kind == "upernet":
-        return UPerNetLite(embed_dim, n_maps, num_classes, channels)
+        return UPerNetLite(in_dims, num_classes, channels, pyramid)
     raise ValueError(f"Unknown decoder {kind!r}; choose from {list(DECODERS)}")

@@ -101,6 +101,9 @@ def set_drop_path(vit: nn.Module, rate: float) -> None:
     """Stochastic depth for fine-tuning: linearly increasing to ``rate`` over the blocks."""
     from dinov2.layers.drop_path import DropPath
 
+    if not hasattr(vit, "_flat_blocks"):
+        logger.warning("%s has no ViT blocks: fine-tuning without stochastic depth", type(vit).__name__)
+        return
     blocks = vit._flat_blocks()
     for i, blk in enumerate(blocks):
         p = rate * i / max(1, len(blocks) - 1)
@@ -170,9 +173,12 @@ class DenseProbe:
         if self.finetune and len(decoders) * len(lrs) != 1:
             raise ValueError(f"Fine-tuning trains the backbone with one head: set one decoder and one learning rate "
                              f"(got decoders={decoders}, learning_rates={lrs})")
-        dim = int(vit.embed_dim)
-        self.heads = nn.ModuleDict({head_key(d, lr): build_dense_head(d, dim, self.n_blocks, num_classes,
-                                                                      int(heads_cfg.get("channels", 128)))
+        # baselines with stage-wise widths (CNNs) tell theirs; ViT blocks all have embed_dim channels
+        dims_of = getattr(vit, "feature_dims", None)
+        dims = list(dims_of(self.n_blocks)) if dims_of else [int(vit.embed_dim)] * self.n_blocks
+        pyramid = not getattr(vit, "is_pyramid", False)
+        self.heads = nn.ModuleDict({head_key(d, lr): build_dense_head(d, dims, num_classes,
+                                                                      int(heads_cfg.get("channels", 128)), pyramid)
                                     for d in decoders for lr in lrs})
         self.lrs = {head_key(d, lr): lr for d in decoders for lr in lrs}
         self.ft_cfg = ft
