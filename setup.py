@@ -26,6 +26,6 @@ setup(
         "train": TRAIN,
         "eval": EVAL,
         "wandb": ["wandb>=0.16"],
-        "dev": sorted(set(TRAIN + EVAL)) + ["pytest>=8.0", "pytest-xdist>=3.5"],
+        "dev": sorted(set(TRAIN + EVAL)) + ["pytest>=8.0", "pytest-xdist>=3.5", "timm>=1.0"],
     },
 )

@@ -17,8 +17,12 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
     results = main(["--output-dir", str(out), "--smoke"])
     for name in ("trained", "random_init"):
         tasks = results[name]
-        assert set(tasks) == {"demo/retrieval_visible_vs_infrared", "demo/retrieval_interleaved_bands"}
-        for metrics in tasks.values():
+        assert set(tasks) == {"demo/retrieval_visible_vs_infrared", "demo/retrieval_interleaved_bands",
+                              "demo_dense/landcover_from_visible"}
+        for task, metrics in tasks.items():
+            if task.startswith("demo_dense"):
+                assert 0.0 <= metrics["mIoU"] <= 100.0 and metrics["pixel_acc"] > 0.0
+                continue
             assert 0.0 <= metrics["recall@1"] <= metrics["recall@5"] <= 100.0
             assert metrics["n_samples"] > 50  # the held-out eastern 20% of both scenes
     run = out / "run"
@@ -26,6 +30,7 @@ def test_demo_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
         assert (run / f).is_file(), f
     assert (run / "eval_model_final" / "results.csv").is_file()
     assert (out / "random_init" / "eval_model_final" / "results.csv").is_file()
+    assert (run / "eval_model_final" / "demo_dense" / "landcover_from_visible" / "predictions.png").is_file()
     # the random-init twin is the trained architecture at its initial weights (same keys, different values)
     trained = torch.load(run / "model_final.pth", map_location="cpu")["model"]
     random = torch.load(out / "random_init" / "model_final.pth", map_location="cpu")["model"]

@@ -136,8 +136,15 @@ def spec_from_checkpoint(path: str) -> ModelSpec:
 
 def resolve_model_objs(model_obj: str) -> List[ModelSpec]:
     """Expand a model object string (``;`` list, globs, run folders, checkpoint files) into ModelSpecs."""
+    from dinov2.eval.baselines import is_baseline, parse_baseline
+
     specs: List[ModelSpec] = []
     for part in [s.strip() for s in str(model_obj).split(";") if s.strip()]:
+        if is_baseline(part):  # another backbone, evaluated under the same protocol
+            _, name, _ = parse_baseline(part)
+            out = Path("outputs") / "eval_baselines" / name.replace("/", "_")
+            specs.append(ModelSpec(part, {}, [], str(out.resolve()), None, "baseline"))
+            continue
         part = os.path.expanduser(os.path.expandvars(part))
         paths = [part] if os.path.exists(part) else sorted(glob.glob(part))
         if not paths:
@@ -165,6 +172,11 @@ def _specs_for_path(path: Path) -> List[ModelSpec]:
 def build_eval_backbone(spec: ModelSpec) -> EvalBackbone:
     """Build the teacher ViT of ``spec`` and load its weights; every backbone parameter must be loaded."""
     from dinov2.models import build_model
+
+    if spec.kind == "baseline":
+        from dinov2.eval.baselines import build_baseline
+
+        return EvalBackbone(build_baseline(spec.ckpt_path))
     from dinov2.utils.checkpoint import load_pretrained_weights
 
     img_size = int(spec.student_cfg.get("pos_emb_img_size", 518))

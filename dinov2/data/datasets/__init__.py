@@ -22,6 +22,10 @@ _REGISTRY: Dict[str, str] = {
     "resisc45": "resisc45:RESISC45",
     "benv2": "benv2:BigEarthNetv2",
     "eurosat-sar": "eurosat_sar:EurosatSAR",
+    "hyperview": "hyperview:Hyperview",
+    # the user's own labelled data
+    "chips": "chips:ChipsDataset",
+    "LabelRasterScenes": "label_raster:LabelRasterScenes",
 }
 
 

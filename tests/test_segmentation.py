@@ -1,0 +1,203 @@
+"""Segmentation task type: GEO-Bench segmentation files written by the tests, dense heads on a tiny Panopticon,
+mIoU against an independent confusion-matrix computation, fine-tuning, shipped task configs."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from seg_fixtures import write_geobench_segmentation
+from test_eval_engine import make_run, read_csv, write_task
+
+from dinov2.eval.dense_heads import build_dense_head
+from dinov2.eval.eval import main
+from dinov2.eval.segmentation import DenseCollate, SegMetrics
+from dinov2.eval.tasks import build_task_cfg, eval_config_root
+
+DL = {"batch_size": 4, "num_workers": 0}
+
+
+def seg_task(epochs=10, **extra):
+    ds = {"id": "geobench.m-cashew-plant"}
+    cfg = {"task": {"id": "segmentation", "num_classes": 3}, "train_dataset": {**ds, "split": "train"},
+           "val_dataset": {**ds, "split": "val"},
+           "test_datasets_list": [{**ds, "split": "test", "display_name": "cashew"}],
+           "heads": {"n_last_blocks": 2, "learning_rates": [1e-3, 1e-2], "channels": 16},
+           "optim": {"epochs": epochs, "warmup_epochs": 0, "dl": DL}}
+    for k, v in extra.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def seg_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg_world")
+    write_geobench_segmentation(root / "geobench", "m-cashew-plant", {"train": 16, "valid": 6, "test": 6},
+                                n_classes=3, size=32, block=8)
+    return {"root": root, "run": make_run(root / "run")}
+
+
+def confusion_miou(pred: np.ndarray, target: np.ndarray, n: int, ignore: int):
+    """mIoU over classes with a non-empty union, pixel accuracy: from a numpy confusion matrix."""
+    keep = target != ignore
+    cm = np.zeros((n, n), np.int64)
+    np.add.at(cm, (target[keep], pred[keep]), 1)
+    inter = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - np.diag(cm)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+    return float(np.nanmean(iou)), float(inter.sum() / cm.sum()), iou
+
+
+def test_seg_metrics_equal_confusion_matrix_with_absent_classes():
+    rng = np.random.default_rng(0)
+    n, ignore = 6, 255
+    pred = rng.integers(0, 4, size=(3, 10, 10))  # classes 4, 5 never predicted
+    target = rng.integers(0, 3, size=(3, 10, 10))  # classes 3..5 absent from the targets
+    target[:, :2] = ignore
+    m = SegMetrics(n, ignore)
+    for p, t in zip(pred, target):  # accumulated over batches
+        m.update(torch.from_numpy(p[None]), torch.from_numpy(t[None]))
+    out = m.compute()
+    miou, acc, iou = confusion_miou(pred, target, n, ignore)
+    assert out["mIoU"] == pytest.approx(miou, abs=1e-6)
+    assert out["pixel_acc"] == pytest.approx(acc, abs=1e-6)
+    assert out["IoU_per_class"][:4] == pytest.approx(list(iou[:4]), abs=1e-6)  # class 3 only predicted: IoU 0
+    assert out["IoU_per_class"][3] == 0.0 and out["IoU_per_class"][4:] == [None, None]
+
+
+def test_hand_computed_miou():
+    # 2 classes: pred [0,0,1,1], target [0,1,1,1] -> IoU0 = 1/2, IoU1 = 2/3, mIoU = 7/12, acc = 3/4
+    m = SegMetrics(2, 255)
+    m.update(torch.tensor([[[0, 0, 1, 1]]]), torch.tensor([[[0, 1, 1, 1]]]))
+    out = m.compute()
+    assert out["mIoU"] == pytest.approx(7 / 12) and out["pixel_acc"] == pytest.approx(0.75)
+
+
+def test_labels_outside_the_classes_are_refused():
+    m = SegMetrics(2, 255)
+    with pytest.raises(ValueError, match=r"Label values \[7\]"):
+        m.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.tensor([[[0, 7], [1, 255]]]))
+
+
+def test_dense_collate_pads_to_patch_multiple_and_ignores_padding():
+    coll = DenseCollate(patch_size=8, ignore_index=255)
+    x = {"imgs": torch.ones(2, 10, 13), "chn_ids": torch.tensor([664, 559])}
+    mask = torch.arange(130).reshape(10, 13) % 3
+    xb, yb = coll([(x, mask)])
+    assert xb["imgs"].shape == (1, 2, 16, 16) and yb.shape == (1, 16, 16)
+    assert torch.equal(yb[0, :10, :13], mask) and (yb[0, 10:] == 255).all() and (yb[0, :, 13:] == 255).all()
+    assert (xb["imgs"][0, :, 10:] == 0).all() and xb["chn_ids"].shape == (1, 2)
+    # joint resize keeps labels as labels (nearest) and flips move image and mask together
+    coll = DenseCollate(patch_size=8, ignore_index=255, img_size=16, augment=True, seed=3)
+    img = torch.zeros(1, 8, 8)
+    img[0, :, :4] = 1.0
+    m = torch.zeros(8, 8, dtype=torch.long)
+    m[:, :4] = 1
+    for _ in range(6):
+        xb, yb = coll([({"imgs": img, "chn_ids": torch.tensor([664])}, m)])
+        assert set(yb.unique().tolist()) <= {0, 1}
+        assert torch.equal((xb["imgs"][0, 0] > 0.5).long(), yb[0])
+
+
+@pytest.mark.parametrize("kind", ["linear", "upernet"])
+def test_heads_shapes(kind):
+    head = build_dense_head(kind, [16, 16, 16], num_classes=5, channels=8)
+    maps = [torch.randn(2, 16, 4, 6) for _ in range(3)]
+    out = head(maps)
+    assert out.shape[:2] == (2, 5) and out.shape[-2] >= 4
+    # CNN-like stages: other widths and sizes, already a pyramid
+    head = build_dense_head(kind, [8, 16], num_classes=5, channels=8, pyramid=False)
+    out = head([torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)])
+    assert out.shape == (2, 5, 8, 8)
+
+
+def test_geobench_segmentation_masks_read_back(seg_world, monkeypatch):
+    from dinov2.data.datasets.geobench import GeobenchDataset
+    import h5py
+
+    monkeypatch.setenv("GEO_BENCH_DIR", str(seg_world["root"] / "geobench"))
+    ds = GeobenchDataset("m-cashew-plant", split="test")
+    x, y = ds[2]
+    with h5py.File(ds.task_dir / f"{ds.samples[2]}.hdf5") as f:
+        expected = np.asarray(f["label"])
+    assert y.dtype == torch.long and torch.equal(y, torch.from_numpy(expected.astype(np.int64)))
+    assert x["imgs"].shape == (12, 32, 32) and len(ds) == 6
+
+
+def test_segmentation_task_end_to_end(seg_world, monkeypatch, tmp_path):
+    monkeypatch.setenv("GEO_BENCH_DIR", str(seg_world["root"] / "geobench"))
+    monkeypatch.setenv("PANOPTICON_NO_TQDM", "1")
+    write_task(tmp_path / "cfg", "cashew_seg", seg_task())
+    out = tmp_path / "out"
+    res = main(str(seg_world["run"]), str(tmp_path / "cfg" / "cashew_seg.yaml"), output_dir=str(out), device="cpu")
+    vals = res["cfg/cashew_seg"]
+    # 3 classes with distinct spectra and textures: chance mIoU ~ 20; ~40 iterations learn the mask
+    assert vals["mIoU"] >= 75.0 and vals["pixel_acc"] >= 85.0
+    detail = json.loads((out / "cfg/cashew_seg" / "results_eval_segmentation.json").read_text())
+    assert len(detail["all_val"]) == 4  # 2 decoders x 2 lrs
+    assert detail["all_val"]["linear_lr_0_01000"]["mIoU"] >= 70.0  # the linear head alone converges
+    assert detail["test"]["cashew"]["mIoU"] == vals["mIoU"]
+    rows = read_csv(out / "cfg/cashew_seg" / "results.csv")
+    assert {r["metric"] for r in rows} == {"mIoU", "pixel_acc"}
+    assert rows[0]["best_classifier"] == detail["best_head"]
+    ckpt = torch.load(out / "cfg/cashew_seg" / "model_final.pth", weights_only=True)
+    assert ckpt["best_head"] == detail["best_head"] and "backbone" not in ckpt
+
+
+def test_finetuning_changes_backbone_but_not_the_evaluated_model(seg_world, monkeypatch, tmp_path):
+    monkeypatch.setenv("GEO_BENCH_DIR", str(seg_world["root"] / "geobench"))
+    monkeypatch.setenv("PANOPTICON_NO_TQDM", "1")
+    cfg = seg_task(epochs=2, **{"heads.decoders": ["linear"], "heads.learning_rates": [1e-2],
+                                "optim.finetune": {"enabled": True, "backbone_lr": 1e-3, "drop_path": 0.1}})
+    write_task(tmp_path / "cfg", "ft", cfg)
+    before = torch.load(seg_world["run"] / "model_final.pth", weights_only=True)["model"]
+    main(str(seg_world["run"]), str(tmp_path / "cfg" / "ft.yaml"), output_dir=str(tmp_path / "out"), device="cpu")
+    ckpt = torch.load(tmp_path / "out" / "cfg" / "ft" / "model_final.pth", weights_only=True)
+    tuned = ckpt["backbone"]
+    changed = [k for k, v in tuned.items() if not torch.equal(v, before[f"teacher.backbone.{k}"])]
+    assert any(k.startswith("blocks.") for k in changed) and any(k.startswith("patch_embed.") for k in changed)
+    after = torch.load(seg_world["run"] / "model_final.pth", weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_finetuning_needs_one_head(seg_world, monkeypatch, tmp_path):
+    monkeypatch.setenv("GEO_BENCH_DIR", str(seg_world["root"] / "geobench"))
+    write_task(tmp_path / "cfg", "ft2", seg_task(epochs=1, **{"optim.finetune": {"enabled": True}}))
+    with pytest.raises(ValueError, match="one decoder and one learning rate"):
+        main(str(seg_world["run"]), str(tmp_path / "cfg" / "ft2.yaml"), output_dir=str(tmp_path / "o"),
+             device="cpu")
+
+
+def test_dataset_transform_is_refused(seg_world, monkeypatch, tmp_path):
+    monkeypatch.setenv("GEO_BENCH_DIR", str(seg_world["root"] / "geobench"))
+    cfg = seg_task(epochs=1)
+    cfg["train_dataset"]["transform"] = [{"id": "Resize", "size": 16}]
+    write_task(tmp_path / "cfg", "tr", cfg)
+    with pytest.raises(ValueError, match="take no 'transform'"):
+        main(str(seg_world["run"]), str(tmp_path / "cfg" / "tr.yaml"), output_dir=str(tmp_path / "o"), device="cpu")
+
+
+SEG_TASKS = {"cashew-plant-seg": ("m-cashew-plant", 7), "sa-crop-type-seg": ("m-SA-crop-type", 10),
+             "pv4ger-seg": ("m-pv4ger-seg", 2), "chesapeake-landcover-seg": ("m-chesapeake-landcover", 7),
+             "nz-cattle-seg": ("m-nz-cattle", 2)}
+
+
+@pytest.mark.parametrize("name", sorted(SEG_TASKS))
+def test_shipped_segmentation_configs(name):
+    from dinov2.data import sensors
+
+    path = Path(eval_config_root()) / "1h" / "geobench" / f"{name}.yaml"
+    cfg = build_task_cfg(path)
+    ds_name, ncls = SEG_TASKS[name]
+    assert cfg.task.id == "segmentation" and cfg.heads.decoders == ["linear", "upernet"]
+    for ds in [cfg.train_dataset, cfg.val_dataset, *cfg.test_datasets_list]:
+        assert ds.id == f"geobench.{ds_name}" and not ds.get("transform")
+    meta = sensors.load_ds_cfg(ds_name)["metainfo"]
+    assert meta["task_id"] == "segmentation" and int(meta["num_classes"]) == ncls
+    assert [s.split for s in [cfg.train_dataset, cfg.val_dataset, *cfg.test_datasets_list]] == ["train", "val", "test"]
