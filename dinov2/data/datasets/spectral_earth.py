@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dinov2.data.datasets.corine_labels import load_corine_nomenclature, raster_codes
-from dinov2.data.io import FaultyFileLog, read_tiff_chw, require_path, resolve_root, with_retries
+from dinov2.data.io import FaultyFileLog, read_json, read_tiff_chw, require_path, resolve_root, with_retries
 from dinov2.data.normalize import BandNormalizer, robust_band_stats, to_float_tensor
 from dinov2.data.sensors import ds_chn_ids
 from dinov2.data.views import make_view
@@ -129,8 +129,7 @@ class SpectralEarthDataset(Dataset):
             if band_stats is None and os.path.exists(candidate):
                 band_stats = candidate
         if isinstance(band_stats, str):
-            with open(band_stats) as fh:
-                band_stats = json.load(fh)
+            band_stats = read_json(band_stats, "SpectralEarth band statistics")
         if band_stats is None:
             band_stats = self._compute_stats(n_samples)
             try:
