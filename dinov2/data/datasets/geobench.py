@@ -17,10 +17,9 @@ cannot read it).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -84,8 +83,8 @@ class GeobenchDataset(EvalDataset):
         all_bands = [b.name for b in self.task_specs.bands_info]
         chn_ids = sensors.ds_chn_ids(ds_name, full_spectra=full_spectra)
         if chn_ids.shape[0] != len(all_bands):
-            raise ValueError(f"{ds_name}: {self.task_dir / 'task_specs.pkl'} lists {len(all_bands)} bands {all_bands} but the band YAML "
-                             f"has {chn_ids.shape[0]} entries")
+            raise ValueError(f"{ds_name}: {self.task_dir / 'task_specs.pkl'} lists {len(all_bands)} bands "
+                             f"{all_bands} but the band YAML has {chn_ids.shape[0]} entries")
         idx = self._band_indices(all_bands, bands, meta, so2sat_keep_bands)
         self.band_names = [all_bands[i] for i in idx]
         self.chn_ids = chn_ids[idx]

@@ -131,12 +131,12 @@ class SafeDtype:
     it (byte order; no fields, subarray, metadata or flags)."""
 
     def __init__(self, code: Any = None, align: Any = False, copy: Any = True):
-        if not isinstance(code, str) or code.lstrip("<>=|") not in SAFE_DTYPE_CODES or len(code) > 4:
-            raise GeobenchPickleError(f"numpy dtype {code!r} is not an allowed numeric dtype "
-                                      f"({', '.join(sorted(SAFE_DTYPE_CODES))})" if isinstance(code, str) and
-                                      len(code) < 40 else "numpy dtype of a non-numeric kind is not allowed")
-        if not isinstance(align, bool) or not isinstance(copy, bool):
-            raise GeobenchPickleError("numpy dtype arguments must be booleans")
+        if not isinstance(code, str) or len(code) > 4 or code.lstrip("<>=|") not in SAFE_DTYPE_CODES:
+            shown = repr(code)[:40] if isinstance(code, str) else type(code).__name__
+            raise GeobenchPickleError(f"numpy dtype {shown} is not an allowed numeric dtype "
+                                      f"({', '.join(sorted(SAFE_DTYPE_CODES))})")
+        if any(type(flag) not in (bool, int) or flag not in (0, 1) for flag in (align, copy)):
+            raise GeobenchPickleError("numpy dtype align/copy arguments must be booleans")
         self.dtype = np.dtype(code)
 
     def __setstate__(self, state: Any) -> None:
