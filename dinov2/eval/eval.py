@@ -301,18 +301,22 @@ def _main(model_obj, config_obj, output_dir, overwrite, device, use_wandb, wandb
         import torch.distributed as dist
 
         dist.barrier()
-    if rank == 0:
+    n_pairs = len(mine)
+    if rank == 0:  # after the barrier every rank's pairs are finished: rank 0 reports them all
+        n_pairs = len(specs) * len(tasks)
         for m, spec in enumerate(specs):
             out_dir = Path(spec.output_dir)
             res.collect_csv(out_dir)
             merged = {rel: res.read_task_csv(out_dir / rel / "results.csv") for rel, _ in tasks
                       if (out_dir / rel / "results.csv").is_file()}
+            failures.update({f"{out_dir}/{rel}": res.read_task_error(out_dir / rel) for rel, _ in tasks
+                             if rel not in merged and (out_dir / rel / res.ERROR_FILE).is_file()})
             all_results[str(out_dir)] = merged
             if use_wandb:
                 _upload_wandb(spec, merged, wandb_mode, only_avg)
     result = next(iter(all_results.values())) if len(specs) == 1 else all_results
     logger.info("eval summary (rank %d): %d (model, task) pairs succeeded, %d failed", rank,
-                len(mine) - len(failures), len(failures))
+                n_pairs - len(failures), len(failures))
     for pair, err in failures.items():
         logger.error("eval FAILED %s: %s", pair, err)
     if failures:
