@@ -14,7 +14,7 @@ import yaml
 from conftest import ROOT, tiny_student_cfg
 from eval_fixtures import write_benv2, write_eurosat_sar, write_geobench_task, write_resisc45
 
-from dinov2.eval.eval import main
+from dinov2.eval.eval import EvalTaskError, main
 from dinov2.models import build_model
 
 # layerscale 1.0: with the default 1e-5 a random tiny ViT ignores its input and every feature is the same
@@ -203,15 +203,15 @@ def test_model_objects(world, tmp_path, monkeypatch):
 def test_task_config_errors(world, tmp_path, monkeypatch):
     monkeypatch.setenv("GEO_BENCH_DIR", str(world["root"] / "geobench"))
     bad = write_task(tmp_path / "cfg", "bad", {"task": {"id": "segmentation"}})
-    with pytest.raises(ValueError, match="task.id must be one of"):
+    with pytest.raises(EvalTaskError, match="ValueError: .*task.id must be one of"):
         main(str(world["run"]), str(bad), output_dir=str(tmp_path / "o"))
     deep = write_task(tmp_path / "cfg2", "deep", dict(knn_task(gb("train"), gb("test")),
                                                       task={"id": "knn", "backbone_to_features":
                                                             {"pooling": "knn", "use_n_blocks": 3}}))
-    with pytest.raises(ValueError, match="backbone has 2 blocks"):
+    with pytest.raises(EvalTaskError, match="ValueError: .*backbone has 2 blocks"):
         main(str(world["run"]), str(deep), output_dir=str(tmp_path / "o2"))
     monkeypatch.delenv("GEO_BENCH_DIR")
-    with pytest.raises(EnvironmentError, match="GEO_BENCH_DIR"):
+    with pytest.raises(EvalTaskError, match="OSError: GEO_BENCH_DIR"):  # a failed task is recorded
         main(str(world["run"]), str(world["cfg"] / "gb_knn.yaml"), output_dir=str(tmp_path / "o3"))
     assert not (tmp_path / "o3" / "tiny" / "gb_knn" / "results.csv").exists()
 

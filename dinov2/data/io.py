@@ -56,6 +56,19 @@ class UnreadableFileError(OSError):
         self.cause = cause
 
 
+def read_json(path: str, what: str = "JSON file") -> Any:
+    """Parse a JSON file; malformed or undecodable content raises ``ValueError`` naming the file and position."""
+    import json
+
+    try:
+        with open(path, "rb") as fh:
+            return json.loads(fh.read())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {type(e).__name__}: {e}") from e
+
+
 def read_tiff_chw(path: str) -> np.ndarray:
     """Read a (multi-band) TIFF as a (C,H,W) array; pixel-interleaved (H,W,C) files are transposed."""
     import tifffile
@@ -84,6 +97,18 @@ def read_png_chw(path: str) -> np.ndarray:
     except Exception as e:
         raise UnreadableFileError(path, e) from e
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(np.moveaxis(arr, -1, 0))
+
+
+def read_raster_band(src: Any, path: str, bidx: int, **kwargs: Any) -> np.ndarray:
+    """``src.read(bidx, **kwargs)`` of an open rasterio dataset; a damaged or truncated file raises
+    ``UnreadableFileError`` naming ``path`` and GDAL's own reason."""
+    try:
+        return src.read(bidx, **kwargs)
+    except Exception as e:  # rasterio reports decoding failures as RasterioIOError with the reason chained
+        reason = e.__cause__ or e.__context__
+        if reason is not None:
+            e = type(e)(f"{e} ({type(reason).__name__}: {reason})")
+        raise UnreadableFileError(path, e) from e
 
 
 def open_h5(path: str):

@@ -1,21 +1,24 @@
 """Result files of an evaluation: per-task ``results.csv`` / JSON / plot, and ``collect_csv`` aggregation.
 
 A task folder holds ``results.csv`` with columns ``metric, value, best_classifier`` (value in %, except
-cosine similarities and counts). ``collect_csv(root)`` finds every task-level ``results.csv`` below ``root``
-and writes, at ``root`` and at every folder between it and the tasks, an aggregated ``results.csv`` (columns
-``metric, value, best_classifier, relpath``; ``relpath`` = task folder relative to that level) plus a
-human-readable ``results.txt``.
+cosine similarities and counts), or, when the task failed, ``error.txt`` (first line ``<type>: <message>``, then
+the traceback). ``collect_csv(root)`` finds every task-level ``results.csv`` / ``error.txt`` below ``root`` and
+writes, at ``root`` and at every folder between it and the tasks, an aggregated ``results.csv`` (columns
+``metric, value, best_classifier, relpath, error``; ``relpath`` = task folder relative to that level; a failed
+task has one row with metric ``error``, an empty value and the error) plus a human-readable ``results.txt``.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+import traceback
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 TASK_COLUMNS = ("metric", "value", "best_classifier")
-AGG_COLUMNS = TASK_COLUMNS + ("relpath",)
+AGG_COLUMNS = TASK_COLUMNS + ("relpath", "error")
+ERROR_FILE = "error.txt"
 
 
 def write_task_csv(task_dir: Path, rows: Sequence[Tuple[str, float, str]]) -> Path:
@@ -44,6 +47,33 @@ def read_task_csv(path: Path) -> Dict[str, float]:
         raise ValueError(f"Malformed task results file {path}: {e}") from e
 
 
+def write_task_error(task_dir: Path, error: BaseException) -> Path:
+    """Record a failed task: ``error.txt`` with ``<type>: <message>`` on the first line, then the traceback."""
+    task_dir.mkdir(parents=True, exist_ok=True)
+    path = task_dir / ERROR_FILE
+    tmp = task_dir / f".{ERROR_FILE}.tmp"
+    summary = f"{type(error).__name__}: {error}".replace("\n", " ")
+    tmp.write_text(summary + "\n\n" + "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    os.replace(tmp, path)
+    return path
+
+
+def read_task_error(task_dir: Path) -> str:
+    """First line of a failed task's ``error.txt``."""
+    with open(Path(task_dir) / ERROR_FILE) as f:
+        return f.readline().rstrip("\n")
+
+
+def clear_task_outputs(task_dir: Path) -> None:
+    """Remove a task's ``results.csv`` and ``error.txt`` before it is (re-)run, so that neither describes a run
+    with other settings."""
+    for name in ("results.csv", ERROR_FILE):
+        try:
+            (Path(task_dir) / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp")
@@ -59,9 +89,13 @@ def _is_task_csv(path: Path) -> bool:
 
 
 def collect_csv(root: os.PathLike) -> List[Dict[str, str]]:
-    """Aggregate every task ``results.csv`` below ``root`` at every folder level; returns the root's rows."""
+    """Aggregate every task ``results.csv`` (and every failed task's ``error.txt``) below ``root`` at every folder
+    level; returns the root's rows."""
     root = Path(root)
     leaves = sorted(p for p in root.rglob("results.csv") if p.parent != root and _is_task_csv(p))
+    done = {p.parent for p in leaves}
+    leaves += [p for p in root.rglob(ERROR_FILE) if p.parent != root and p.parent not in done]
+    leaves.sort()
     levels = {root}
     for leaf in leaves:
         d = leaf.parent.parent
@@ -75,10 +109,14 @@ def collect_csv(root: os.PathLike) -> List[Dict[str, str]]:
             if level not in leaf.parents:
                 continue
             rel = leaf.parent.relative_to(level).as_posix()
+            if leaf.name == ERROR_FILE:
+                rows.append({"metric": "error", "value": "", "best_classifier": "", "relpath": rel,
+                             "error": read_task_error(leaf.parent)})
+                continue
             with open(leaf, newline="") as f:
                 for r in csv.DictReader(f):
                     rows.append({"metric": r["metric"], "value": r["value"],
-                                 "best_classifier": r.get("best_classifier", ""), "relpath": rel})
+                                 "best_classifier": r.get("best_classifier", ""), "relpath": rel, "error": ""})
         if not rows:
             continue
         with open(level / "results.csv", "w", newline="") as f:
@@ -95,6 +133,9 @@ def _write_txt(path: Path, rows: Sequence[Mapping[str, str]]) -> None:
     width = max(len(f"{r['relpath']}  {r['metric']}") for r in rows)
     lines = [f"{'task  metric':<{width}}  {'value':>8}  best_classifier"]
     for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['relpath'] + '  ' + r['metric']:<{width}}  {'FAILED':>8}  {r['error']}")
+            continue
         lines.append(f"{r['relpath'] + '  ' + r['metric']:<{width}}  {float(r['value']):>8.2f}  "
                      f"{r['best_classifier']}")
     path.write_text("\n".join(lines) + "\n")

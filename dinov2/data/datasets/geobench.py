@@ -8,19 +8,18 @@ On-disk layout (``$GEO_BENCH_DIR/{classification,segmentation}_v1.0/<task>/``):
 - ``<sample>.hdf5``: one dataset per band (named by the band name; segmentation masks in ``label``) and an
   attribute ``pickle`` = ``str(pickle.dumps(attr_dict))`` holding per-band metadata and ``label``.
 
-Pickles are never executed: ``SafeGeobenchUnpickler`` only materialises a short allow-list of GEO-Bench classes
-(as plain local records), datetime/numpy array types and a few builtins; anything else raises
-``GeobenchPickleError`` naming the class and the file.
+Pickles are never executed: ``SafeGeobenchUnpickler`` (``geobench_pickle``) only materialises a short allow-list of
+GEO-Bench classes (as plain local records), numeric numpy data rebuilt from plain bytes, datetime values and a few
+builtins; anything else raises ``GeobenchPickleError`` naming the file. Band datasets must be numeric, stored in the
+sample file itself (no links, external or virtual storage) and at most ``MAX_SAMPLE_PIXELS`` pixels; any other
+sample is refused with an error naming it (``ValueError``; ``UnreadableFileError``, an ``OSError``, when HDF5
+cannot read it).
 """
 from __future__ import annotations
 
-import ast
-import io
-import json
 import os
-import pickle
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,166 +27,16 @@ import torch.nn.functional as F
 
 from dinov2.data import sensors
 from dinov2.data.datasets.eval_base import EvalDataset
+from dinov2.data.datasets.geobench_pickle import (KNOWN_GEOBENCH_CLASSES, GeobenchPickleError,  # noqa: F401
+                                                  GeobenchRecord, SafeGeobenchUnpickler, decode_attr_pickle,
+                                                  safe_loads)
+from dinov2.data.io import UnreadableFileError, read_json
 from dinov2.data.normalize import BandNormalizer
 
-# GEO-Bench classes that occur in task_specs.pkl and sample attribute pickles (module names under `geobench.` or
-# its pre-release name `ccb.`).
-KNOWN_GEOBENCH_CLASSES = frozenset({
-    "TaskSpecifications", "BandInfo", "SpectralBand", "Sentinel1", "Sentinel2", "Landsat8", "Mask", "Height",
-    "ElevationBand", "CloudProbability", "HyperSpectralBands", "MultiBand", "Band", "Classification",
-    "MultiLabelClassification", "SegmentationClasses", "Regression", "Accuracy", "MultilabelAccuracy",
-    "SegmentationAccuracy", "Stats", "Partition",
-})
-_GEOBENCH_PACKAGES = ("geobench", "ccb")
 _SO2SAT_DEFAULT_KEEP = [0, 2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]  # VH real, VV real + 10 S2 bands
-
-
-class GeobenchPickleError(pickle.UnpicklingError):
-    """A GEO-Bench pickle referenced a class outside the allow-list."""
-
-
-class GeobenchRecord:
-    """Plain stand-in for a GEO-Bench object: its pickled state becomes attributes; ``geobench_class`` names the
-    original class."""
-
-    geobench_class = "GeobenchRecord"
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if not isinstance(state, dict):
-            raise GeobenchPickleError(f"Unexpected state {type(state).__name__} for {self.geobench_class}")
-        self.__dict__.update(state)
-
-    def __repr__(self) -> str:
-        return f"{self.geobench_class}({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
-
-
-_RECORD_TYPES: Dict[str, type] = {}
-
-
-def _record_type(name: str) -> type:
-    if name not in _RECORD_TYPES:
-        _RECORD_TYPES[name] = type(name, (GeobenchRecord,), {"geobench_class": name})
-    return _RECORD_TYPES[name]
-
-
-class AffineRecord(tuple):
-    """Stand-in for ``affine.Affine`` (a 6/9-tuple of coefficients)."""
-
-    def __new__(cls, *args):
-        return tuple.__new__(cls, args)
-
-
-class CrsRecord(GeobenchRecord):
-    """Stand-in for ``rasterio.crs.CRS`` (keeps its pickled state, e.g. ``wkt``)."""
-
-    geobench_class = "CRS"
-
-    def __setstate__(self, state: Any) -> None:  # rasterio pickles a CRS as its WKT string (or a dict)
-        self.__dict__["value"] = state
-
-
-def _crs_from(value: Any) -> CrsRecord:
-    rec = CrsRecord()
-    rec.__dict__["value"] = value
-    return rec
-
-
-def _safe_reconstructor(cls: type, base: type, state: Any):
-    """``copyreg._reconstructor`` restricted to classes this unpickler already vetted."""
-    if base is not object:
-        raise GeobenchPickleError(f"copyreg._reconstructor with base {base!r} is not allowed")
-    return object.__new__(cls)
-
-
-def _latin1_encode(text: Any, encoding: str = "utf-8") -> bytes:
-    """``_codecs.encode`` as used by protocol-2 pickles to store bytes; only str -> bytes."""
-    if not isinstance(text, str) or encoding.replace("-", "").lower() not in ("latin1", "utf8"):
-        raise GeobenchPickleError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
-    return text.encode(encoding)
-
-
-def _numpy_allowed() -> Dict[tuple, Any]:
-    """numpy array/scalar reconstruction functions under both their numpy 1.x and 2.x module names."""
-    import importlib
-
-    allowed: Dict[tuple, Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for pkg in ("numpy._core", "numpy.core"):  # numpy >= 2 first (numpy.core warns there)
-        try:
-            multiarray = importlib.import_module(f"{pkg}.multiarray")
-            numeric = importlib.import_module(f"{pkg}.numeric")
-            break
-        except ImportError:
-            continue
-    for pkg in ("numpy._core", "numpy.core"):
-        allowed[(f"{pkg}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{pkg}.multiarray", "scalar")] = multiarray.scalar
-        if hasattr(numeric, "_frombuffer"):  # protocol-5 arrays
-            allowed[(f"{pkg}.numeric", "_frombuffer")] = numeric._frombuffer
-    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "Int16DType", "UInt8DType",
-                 "UInt16DType", "BoolDType"):
-        if hasattr(np, "dtypes") and hasattr(np.dtypes, name):
-            allowed[("numpy.dtypes", name)] = getattr(np.dtypes, name)
-    return allowed
-
-
-class SafeGeobenchUnpickler(pickle.Unpickler):
-    """Unpickler that only resolves GEO-Bench records, datetime, numpy arrays and plain builtins."""
-
-    _ALLOWED = {
-        ("datetime", "date"): __import__("datetime").date,
-        ("datetime", "datetime"): __import__("datetime").datetime,
-        ("datetime", "timedelta"): __import__("datetime").timedelta,
-        ("datetime", "timezone"): __import__("datetime").timezone,
-        ("builtins", "object"): object,
-        ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex,
-        ("collections", "OrderedDict"): __import__("collections").OrderedDict,
-        ("copyreg", "_reconstructor"): _safe_reconstructor,
-        ("_codecs", "encode"): _latin1_encode,
-        ("affine", "Affine"): AffineRecord,
-        ("rasterio.crs", "CRS"): CrsRecord, ("rasterio.crs", "CRS.from_wkt"): _crs_from,
-        ("rasterio.crs", "CRS.from_dict"): _crs_from, ("rasterio.crs", "CRS.from_epsg"): _crs_from,
-        **_numpy_allowed(),
-    }
-
-    def __init__(self, file, source: str):
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str):
-        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocol-2 names
-        if module.split(".")[0] in _GEOBENCH_PACKAGES and name in KNOWN_GEOBENCH_CLASSES:
-            return _record_type(name)
-        if (module, name) in self._ALLOWED:
-            return self._ALLOWED[(module, name)]
-        raise GeobenchPickleError(
-            f"Refusing to unpickle '{module}.{name}' in {self.source}: only known GEO-Bench classes "
-            f"({', '.join(sorted(KNOWN_GEOBENCH_CLASSES))}), datetime and numpy array types are allowed")
-
-
-def safe_loads(data: bytes, source: str) -> Any:
-    """Unpickle GEO-Bench bytes with ``SafeGeobenchUnpickler``; ``source`` names the file in errors."""
-    return SafeGeobenchUnpickler(io.BytesIO(data), source).load()
-
-
-def decode_attr_pickle(raw: Any, source: str) -> Dict[str, Any]:
-    """The ``pickle`` HDF5 attribute: ``str(pickle.dumps(d))`` (GEO-Bench) or raw bytes."""
-    if isinstance(raw, np.ndarray):
-        raw = raw.tobytes()
-    if isinstance(raw, np.void):
-        raw = raw.tobytes()
-    if isinstance(raw, str):
-        try:
-            raw = ast.literal_eval(raw)
-        except (ValueError, SyntaxError) as e:
-            raise ValueError(f"Attribute 'pickle' of {source} is not a bytes literal: {e}") from e
-    if not isinstance(raw, (bytes, bytearray)):
-        raise ValueError(f"Attribute 'pickle' of {source} has unexpected type {type(raw).__name__}")
-    out = safe_loads(bytes(raw), source)
-    if not isinstance(out, dict):
-        raise ValueError(f"Attribute pickle of {source} is a {type(out).__name__}, expected a dict")
-    return out
+# A band or mask larger than this (pixels) is refused before it is read: GEO-Bench samples are at most a few
+# hundred pixels wide, and a crafted file could declare a huge, never-written dataset.
+MAX_SAMPLE_PIXELS = 1 << 26
 
 
 def geobench_root() -> Path:
@@ -234,8 +83,8 @@ class GeobenchDataset(EvalDataset):
         all_bands = [b.name for b in self.task_specs.bands_info]
         chn_ids = sensors.ds_chn_ids(ds_name, full_spectra=full_spectra)
         if chn_ids.shape[0] != len(all_bands):
-            raise ValueError(f"{ds_name}: task_specs.pkl lists {len(all_bands)} bands {all_bands} but the band YAML "
-                             f"has {chn_ids.shape[0]} entries")
+            raise ValueError(f"{ds_name}: {self.task_dir / 'task_specs.pkl'} lists {len(all_bands)} bands "
+                             f"{all_bands} but the band YAML has {chn_ids.shape[0]} entries")
         idx = self._band_indices(all_bands, bands, meta, so2sat_keep_bands)
         self.band_names = [all_bands[i] for i in idx]
         self.chn_ids = chn_ids[idx]
@@ -253,16 +102,20 @@ class GeobenchDataset(EvalDataset):
         path = self.task_dir / name
         if not path.is_file():
             raise FileNotFoundError(f"GEO-Bench file missing: {path}")
-        with open(path) as f:
-            return json.load(f)
+        data = read_json(str(path), "GEO-Bench metadata")
+        if not isinstance(data, dict):
+            raise ValueError(f"GEO-Bench metadata {path} holds a {type(data).__name__}, expected a JSON object")
+        return data
 
     def _load_task_specs(self):
         path = self.task_dir / "task_specs.pkl"
         if not path.is_file():
             raise FileNotFoundError(f"GEO-Bench file missing: {path}")
         specs = safe_loads(path.read_bytes(), str(path))
-        if not hasattr(specs, "bands_info"):
-            raise ValueError(f"{path} holds {specs!r}, not a TaskSpecifications with bands_info")
+        if not isinstance(getattr(specs, "bands_info", None), (list, tuple)) or \
+                not all(isinstance(getattr(b, "name", None), str) for b in specs.bands_info):
+            raise ValueError(f"{path} holds a {type(specs).__name__}, not a TaskSpecifications with a bands_info "
+                             "list of named bands")
         return specs
 
     def _band_indices(self, all_bands, bands, meta, so2sat_keep_bands) -> List[int]:
@@ -285,7 +138,8 @@ class GeobenchDataset(EvalDataset):
     def _norm_stats(self, stats: Dict):
         missing = [b for b in self.band_names if b not in stats]
         if missing:
-            raise ValueError(f"{self.task_dir / 'band_stats.json'} has no statistics for bands {missing}")
+            raise ValueError(f"{self.task_dir / 'band_stats.json'} has no statistics for bands {missing} (listed in "
+                             f"{self.task_dir / 'task_specs.pkl'})")
         return BandNormalizer([float(stats[b]["mean"]) for b in self.band_names],
                               [float(stats[b]["std"]) for b in self.band_names], str(self.task_dir / "band_stats.json"))
 
@@ -307,10 +161,15 @@ class GeobenchDataset(EvalDataset):
                 missing = [b for b in self.band_names if b not in fp]
                 if missing:
                     raise ValueError(f"{path} lacks band datasets {missing} (has {sorted(fp.keys())})")
-                arrays = [np.asarray(fp[b], dtype=np.float32) for b in self.band_names]
-                mask = np.asarray(fp["label"]) if self.is_segmentation and "label" in fp else None
-        except OSError as e:
-            raise OSError(f"Cannot read GEO-Bench sample {path}: {e}") from e
+                arrays = [_read_plain_dataset(fp, b, path, "biuf").astype(np.float32) for b in self.band_names]
+                mask = _read_plain_dataset(fp, "label", path, "biu") if self.is_segmentation and "label" in fp \
+                    else None
+        except Exception as e:  # h5py/HDF5 report damaged files as OSError, KeyError, RuntimeError, TypeError ...
+            if str(path) in str(e):
+                raise
+            if isinstance(e, ValueError):
+                raise ValueError(f"{path}: {e}") from e
+            raise UnreadableFileError(str(path), e) from e
         imgs = self._stack(arrays, path)
         if self.is_segmentation:
             if mask is None:
@@ -319,11 +178,19 @@ class GeobenchDataset(EvalDataset):
         elif "label" not in attrs:
             raise ValueError(f"{path}: attribute pickle has no 'label'")
         elif self.is_multilabel:
-            label = torch.as_tensor(np.asarray(attrs["label"], dtype=np.float32))
+            try:
+                label = torch.as_tensor(np.asarray(attrs["label"], dtype=np.float32))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: multilabel label is not a list of numbers: {e}") from e
             if label.shape != (self.num_classes,):
                 raise ValueError(f"{path}: multilabel label shape {tuple(label.shape)} != ({self.num_classes},)")
         else:
-            label = int(attrs["label"])
+            raw = attrs["label"]
+            if isinstance(raw, np.ndarray) and raw.size == 1 and raw.dtype.kind in "iu":
+                raw = raw.item()
+            if not isinstance(raw, (int, np.integer)) or isinstance(raw, bool):
+                raise ValueError(f"{path}: label {raw!r:.50} is not an integer class index")
+            label = int(raw)
             if not 0 <= label < self.num_classes:
                 raise ValueError(f"{path}: label {label} outside [0, {self.num_classes})")
         return imgs, label, attrs
@@ -344,4 +211,30 @@ class GeobenchDataset(EvalDataset):
     def __getitem__(self, i: int):
         imgs, label, _ = self.read_sample(self.samples[i])
         return self.make_sample(imgs, label)
+
+
+def _read_plain_dataset(fp, name: str, path: Path, kinds: str) -> np.ndarray:
+    """Dataset ``name`` of an open HDF5 file as an array, refusing anything but a plain numeric dataset stored in
+    the file itself: links (which may point into other files), external or virtual storage (which read other local
+    files as pixels), non-numeric dtypes and implausibly large shapes."""
+    import h5py
+
+    if "/" in name:
+        raise ValueError(f"{path}: dataset name {name!r} must not contain '/'")
+    link = fp.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise ValueError(f"{path}: '{name}' is a {type(link).__name__}, not a dataset stored in the file")
+    dset = fp[name]
+    if not isinstance(dset, h5py.Dataset):
+        raise ValueError(f"{path}: '{name}' is a {type(dset).__name__}, not a dataset")
+    if dset.is_virtual or dset.external:
+        raise ValueError(f"{path}: dataset '{name}' uses {'virtual' if dset.is_virtual else 'external'} storage "
+                         "(data from other files); GEO-Bench samples must store their pixels in the file")
+    if dset.dtype.kind not in kinds or dset.dtype.fields is not None or dset.dtype.subdtype is not None:
+        raise ValueError(f"{path}: dataset '{name}' has dtype {dset.dtype}, expected a numeric dtype")
+    n = int(np.prod(dset.shape, dtype=np.float64)) if dset.shape is not None else 0
+    if dset.shape is None or not 0 < n <= MAX_SAMPLE_PIXELS or dset.ndim not in (2, 3):
+        raise ValueError(f"{path}: dataset '{name}' has shape {dset.shape}; expected a 2-D image of at most "
+                         f"{MAX_SAMPLE_PIXELS} pixels")
+    return dset[()]
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dinov2.data.io import FaultyFileLog, LazyHandles, UnreadableFileError, expand_path, open_raster, with_retries
+from dinov2.data.io import (FaultyFileLog, LazyHandles, expand_path, open_raster,
+                            read_raster_band, with_retries)
 from dinov2.data.normalize import robust_band_stats
 from dinov2.data.sensors import band_chn_ids, resolve_band, sensor_bands
 from dinov2.data.tiling import (RasterGroup, cell_grid, group_window, patch_origins, patch_pixels,
@@ -219,9 +220,13 @@ class GeoTiffScenes(Dataset):
             return _SCENE_CACHE[key]
         cache_file = os.path.join(self.cache_dir, f"geotiff_scene_{key}.npz") if self.cache_dir else None
         if cache_file and os.path.exists(cache_file):
-            z = np.load(cache_file)
-            _SCENE_CACHE[key] = (z["valid"], z["mean"].tolist(), z["std"].tolist())
-            return _SCENE_CACHE[key]
+            try:
+                with np.load(cache_file) as z:
+                    _SCENE_CACHE[key] = (z["valid"], z["mean"].tolist(), z["std"].tolist())
+                return _SCENE_CACHE[key]
+            except Exception as e:  # a damaged cache (e.g. a killed write) is recomputed, not fatal
+                logger.warning("recomputing scene statistics: cache %s is unreadable (%s: %s)", cache_file,
+                               type(e).__name__, e)
         from rasterio.windows import Window
 
         ox, oy, ny, nx = cell_grid(groups, cell_m)
@@ -232,7 +237,8 @@ class GeoTiffScenes(Dataset):
             h = min(int(round(ny * cell_m / g.res)), g.height - row)
             for path, bidx in zip(g.files, g.band_indexes):
                 src = self._handles.get(path)
-                arrays.append(src.read(bidx, window=Window(col, row, w, h), out_shape=(ny, nx)).astype(np.float64))
+                arrays.append(read_raster_band(src, path, bidx, window=Window(col, row, w, h),
+                                               out_shape=(ny, nx)).astype(np.float64))
         valid = np.ones((ny, nx), bool)
         for a in arrays:
             valid &= np.isfinite(a) & ((a != nodata) if nodata is not None else True)
@@ -261,10 +267,7 @@ class GeoTiffScenes(Dataset):
             chans = []
             for path, bidx in zip(g.files, g.band_indexes):
                 src = self._handles.get(path)
-                try:
-                    chans.append(src.read(bidx, window=Window(col, row, px, px)))
-                except Exception as e:  # rasterio raises RasterioIOError/CPLE_* on corrupt blocks
-                    raise UnreadableFileError(path, e) from e
+                chans.append(read_raster_band(src, path, bidx, window=Window(col, row, px, px)))
             arr = torch.from_numpy(np.stack(chans).astype(np.float32))
             invalid = ~torch.isfinite(arr)
             if scene["nodata"] is not None:

@@ -9,7 +9,6 @@ and no-data (S2: 0, S1: -inf/non-finite) is detected on the raw values, before n
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Dict, List, Optional, Union
 
@@ -17,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dinov2.data.io import (FaultyFileLog, LazyHandles, UnreadableFileError, open_h5, require_path, resolve_root,
-                            with_retries)
+from dinov2.data.io import (FaultyFileLog, LazyHandles, UnreadableFileError, open_h5, read_json, require_path,
+                            resolve_root, with_retries)
 from dinov2.data.normalize import BandNormalizer
 from dinov2.data.sensors import ds_chn_ids
 from dinov2.data.views import choose_indices, make_view
@@ -62,8 +61,7 @@ class MMEarth(Dataset):
         self.h5_path = require_path(os.path.join(self.base, f"{name}.h5"), "MMEarth HDF5 file")
         meta_path = require_path(os.path.join(self.base, f"{name}.parquet"), "MMEarth metadata parquet")
         stats_path = require_path(os.path.join(self.base, f"{name}_band_stats.json"), "MMEarth band stats")
-        with open(stats_path) as fh:
-            self.stats = json.load(fh)
+        self.stats = read_json(stats_path, "MMEarth band statistics")
 
         df = pd.read_parquet(meta_path)
         df.columns = [c.lower() for c in df.columns]

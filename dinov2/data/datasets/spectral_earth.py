@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dinov2.data.datasets.corine_labels import load_corine_nomenclature, raster_codes
-from dinov2.data.io import FaultyFileLog, read_tiff_chw, require_path, resolve_root, with_retries
+from dinov2.data.io import FaultyFileLog, read_json, read_tiff_chw, require_path, resolve_root, with_retries
 from dinov2.data.normalize import BandNormalizer, normalizer_from_ds_cfg, robust_band_stats, to_float_tensor
 from dinov2.data.sensors import ds_chn_ids, load_ds_cfg
 from dinov2.data.views import make_view
@@ -147,8 +147,7 @@ class SpectralEarthDataset(Dataset):
         if band_stats == FROM_DATA:
             return self._stats_from_data(n_samples)
         if isinstance(band_stats, str):
-            with open(band_stats) as fh:
-                band_stats = json.load(fh)
+            band_stats = read_json(band_stats, "SpectralEarth band statistics")
         if not isinstance(band_stats, dict) or "mean" not in band_stats or "std" not in band_stats:
             raise ValueError(f"SpectralEarth band_stats must be None, {FROM_DATA!r}, a JSON path or "
                              f"{{'mean': [...], 'std': [...]}}, got {band_stats!r:.200}")
@@ -163,8 +162,7 @@ class SpectralEarthDataset(Dataset):
         pretrain_cache = os.path.join(os.path.dirname(self.split_dir), PRETRAIN_TASK, "band_stats.json")
         for candidate in (cache, pretrain_cache):
             if band_stats is None and os.path.exists(candidate):
-                with open(candidate) as fh:
-                    band_stats = json.load(fh)
+                band_stats = read_json(candidate, "SpectralEarth band statistics")
         if band_stats is None:
             band_stats = self._compute_stats(n_samples)
             try:
