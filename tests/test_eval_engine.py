@@ -202,7 +202,7 @@ def test_model_objects(world, tmp_path, monkeypatch):
 
 def test_task_config_errors(world, tmp_path, monkeypatch):
     monkeypatch.setenv("GEO_BENCH_DIR", str(world["root"] / "geobench"))
-    bad = write_task(tmp_path / "cfg", "bad", {"task": {"id": "segmentation"}})
+    bad = write_task(tmp_path / "cfg", "bad", {"task": {"id": "detection"}})
     with pytest.raises(EvalTaskError, match="ValueError: .*task.id must be one of"):
         main(str(world["run"]), str(bad), output_dir=str(tmp_path / "o"))
     deep = write_task(tmp_path / "cfg2", "deep", dict(knn_task(gb("train"), gb("test")),

@@ -77,7 +77,9 @@ def check_overrides(tasks: Sequence[Tuple[str, Path]], overrides: Dict[str, Any]
     known: Dict[str, Any] = {}
     for _, path in tasks:
         try:
-            known.update(_flat_keys(OmegaConf.to_container(build_task_cfg(path, None))))
+            # unresolved: overrides may set scratch keys (_vars, _default_augms) and mandatory ??? values
+            known.update(_flat_keys(OmegaConf.to_container(build_task_cfg(path, None, resolve=False),
+                                                           resolve=False)))
         except Exception:  # a task whose config is broken fails (and is recorded) when it runs
             continue
     datasets = {k for k, v in known.items() if k.split(".")[-1].endswith("dataset") and isinstance(v, dict)

@@ -51,9 +51,10 @@ def dotted_to_nested(overrides: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def build_task_cfg(path: Path, overrides: Optional[Mapping[str, Any]] = None):
+def build_task_cfg(path: Path, overrides: Optional[Mapping[str, Any]] = None, resolve: bool = True):
     """Merge default <- task file <- overrides and resolve interpolations (task files may use ``_vars`` and
-    ``${_default_augms.*}``); ``_vars``/``_default_augms`` are dropped from the result."""
+    ``${_default_augms.*}``); ``_vars``/``_default_augms`` are dropped from the result. ``resolve=False`` returns
+    the merge as written (scratch keys and interpolations kept; mandatory ``???`` values may be missing)."""
     from omegaconf import OmegaConf
 
     task = OmegaConf.load(path)
@@ -71,6 +72,8 @@ def build_task_cfg(path: Path, overrides: Optional[Mapping[str, Any]] = None):
         if OmegaConf.select(ov, key) is not None and OmegaConf.select(task, key) is not None:
             OmegaConf.update(task, key, None, merge=False)
     cfg = OmegaConf.merge(default, task, ov)
+    if not resolve:
+        return cfg
     plain = OmegaConf.to_container(cfg, resolve=True)
     for scratch in ("_vars", "_default_augms"):
         plain.pop(scratch, None)
