@@ -233,7 +233,7 @@ def test_shipped_task_configs_resolve(path):
 
     raw = OmegaConf.load(path)
     # tasks whose data location is a mandatory variable (the dense demo) get a placeholder path
-    missing = "_vars" in raw and "scenes" in raw["_vars"] and OmegaConf.is_missing(raw["_vars"], "scenes")
+    missing = "_vars" in raw and "scenes" in raw["_vars"].keys() and OmegaConf.is_missing(raw["_vars"], "scenes")
     ov = {"_vars.scenes": "/data/scenes.yaml"} if missing else None
     cfg = OmegaConf.to_container(build_task_cfg(path, ov))
     tid = cfg["task"]["id"]
