@@ -34,6 +34,24 @@ def load_checkpoint_file(path: str, map_location: Union[str, torch.device] = "cp
         raise RuntimeError(f"could not read checkpoint {path}: {exc}") from exc
 
 
+BACKBONE_PREFIXES = ("teacher.backbone.", "backbone.")
+
+
+def backbone_state_dict(obj: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """The backbone state dict inside a loaded checkpoint: a hub-format teacher file as is; a training checkpoint
+    (`{"model": ...}` or `{"teacher": ...}` wrapping `teacher.backbone.*` / `backbone.*` keys) unwrapped."""
+    state = obj
+    for key in ("teacher", "model"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"expected a state dict (mapping of names to tensors), got {type(state).__name__}")
+    for prefix in BACKBONE_PREFIXES:
+        if any(str(k).startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
+
+
 def select_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     include: Union[None, str, Iterable[str]] = None,
