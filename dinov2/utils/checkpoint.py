@@ -82,7 +82,7 @@ def select_state_dict(
 def load_pretrained_weights(
     model: nn.Module, cfg_list: Iterable[Mapping[str, Any]], checkpoint_key: Optional[str] = "model"
 ) -> Tuple[List[str], List[str]]:
-    """Merge the selected parts of several checkpoints and load them non-strictly (reference §5.2).
+    """Merge the selected parts of several checkpoints and load them non-strictly.
 
     Each entry: `path` (file or URL), optional `checkpoint_key`, `include`, `exclude`, `prefix_map`.
     Returns (missing_keys, unexpected_keys); an entry that selects no key at all raises ValueError.

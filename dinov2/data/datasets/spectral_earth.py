@@ -1,4 +1,4 @@
-"""SpectralEarthDataset: EnMAP hyperspectral patches (202 bands), pretraining and the CORINE task (reference §2.5).
+"""SpectralEarthDataset: EnMAP hyperspectral patches (202 bands), pretraining and the CORINE task.
 
 Layout: split lists `<root>/spectral_earth/splits/<task_dir>/<split>.txt` (one relative TIFF path per line);
 `task_dir='enmap'` (pretraining) reads images under `<root>/spectral_earth/enmap/`; `task_dir='corine'` reads
