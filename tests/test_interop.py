@@ -107,7 +107,7 @@ def test_convert_cli_training_checkpoint_and_back(tmp_path, capsys):
     ckpt = tmp_path / "model_final.pth"
     torch.save({"model": {"teacher.backbone." + k: v for k, v in sd.items()}, "iteration": 5}, ckpt)
     tg_path, back_path = tmp_path / "tg.pth", tmp_path / "back.pth"
-    assert convert_main([str(ckpt), str(tg_path)]) == 0
+    assert convert_main([str(tmp_path), str(tg_path)]) == 0  # a run folder: its model_final.pth
     assert "panopticon -> torchgeo layout, position grid 16x16" in capsys.readouterr().out
     tg = torch.load(tg_path, weights_only=True)
     assert tg["model.pos_embed"].shape == (1, 257, 384)

@@ -8,6 +8,7 @@ The layout differences are listed in `dinov2/interop.py` and docs/interop.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -29,7 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "checkpoint) and torchgeo's Panopticon layout (timm ViT keys under `model.`).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="checkpoint to read: hub teacher file, training checkpoint (model_final.pth, "
-                                 "teacher_checkpoint.pth) or a torchgeo Panopticon state dict")
+                                 "teacher_checkpoint.pth), a run folder (its model_final.pth) or a torchgeo "
+                                 "Panopticon state dict")
     p.add_argument("output", help="file to write (a plain state dict, written atomically)")
     p.add_argument("--to", choices=["torchgeo", "panopticon"], default=None,
                    help="target layout (default: the other one than the input's)")
@@ -46,11 +48,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dinov2.interop import detect_layout, from_torchgeo, pos_embed_grid, to_torchgeo
     from dinov2.utils.checkpoint import backbone_state_dict, load_checkpoint_file, save_atomic
 
-    state = backbone_state_dict(load_checkpoint_file(args.input))
+    source_file = os.path.join(args.input, "model_final.pth") if os.path.isdir(args.input) else args.input
+    state = backbone_state_dict(load_checkpoint_file(source_file))
     source = detect_layout(state)
     target = args.to or ("panopticon" if source == "torchgeo" else "torchgeo")
     if source == target:
-        raise ValueError(f"{args.input} is already in the {target} layout")
+        raise ValueError(f"{source_file} is already in the {target} layout")
     if target == "torchgeo":
         out = to_torchgeo(state, img_size=args.img_size or 224, patch_size=args.patch_size)
         grid = pos_embed_grid(out["model.pos_embed"])

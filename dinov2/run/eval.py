@@ -94,8 +94,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--use-wandb", "--use_wandb", dest="use_wandb", nargs="?", const=True, default=False,
                    type=_bool, help="upload the results to Weights & Biases (needs the wandb extra)")
-    p.add_argument("--wandb-mode", "--wandb_mode", dest="wandb_mode", default="api",
-                   help="how results reach W&B: api (update the training run) or a wandb.init mode (default: api)")
+    p.add_argument("--wandb-mode", "--wandb_mode", dest="wandb_mode", default="api", choices=["api", "resume"],
+                   help="how results reach the training run's W&B run (found in <run>/wandb): api (write its "
+                        "summary through the W&B API) or resume (wandb.init with resume) (default: api)")
     p.add_argument("--only-avg", "--only_avg", dest="only_avg", nargs="?", const=True, default=False, type=_bool,
                    help="upload only the averaged metrics to W&B")
     p.add_argument("--log-file", "--log_file", dest="log_file", default=None,
