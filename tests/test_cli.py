@@ -69,7 +69,6 @@ def test_each_command_help_explains_every_flag(help_probe, name):
     assert res["text"].startswith(f"usage: panopticon {name}"), res["text"][:200]
     assert res["undocumented"] == [], f"flags without help in `panopticon {name}`: {res['undocumented']}"
     assert any("example" in e for e in res["epilogs"]), f"`panopticon {name} --help` shows no example"
-    assert f"panopticon {name}" in res["text"].split("example", 1)[1]
 
 
 def test_help_imports_no_optional_dependency(help_probe):
