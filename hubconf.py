@@ -34,23 +34,23 @@ def _is_own(module) -> bool:
 
 @contextlib.contextmanager
 def _own_dinov2() -> Iterator[None]:
-    """Within the block `import dinov2...` gives this repository's package. A different `dinov2` already in
-    `sys.modules` is set aside and restored afterwards (this repository's modules stay reachable through the
-    objects imported in the block)."""
+    """Within the block `import dinov2...` gives this repository's package (its folder goes first on the import
+    path). A different `dinov2` already in `sys.modules` is set aside and restored afterwards; this repository's
+    modules stay reachable through the objects imported in the block."""
     loaded = sys.modules.get("dinov2")
-    if loaded is None or _is_own(loaded):
-        yield
-        return
-    names = [k for k in sys.modules if k == "dinov2" or k.startswith("dinov2.")]
-    foreign = {k: sys.modules.pop(k) for k in names}
+    foreign = {}
+    if loaded is not None and not _is_own(loaded):
+        names = [k for k in sys.modules if k == "dinov2" or k.startswith("dinov2.")]
+        foreign = {k: sys.modules.pop(k) for k in names}
     sys.path.insert(0, _HERE)
     try:
         yield
     finally:
-        for k in [k for k in sys.modules if k == "dinov2" or k.startswith("dinov2.")]:
-            del sys.modules[k]
-        sys.modules.update(foreign)
         sys.path.remove(_HERE)
+        if foreign:
+            for k in [k for k in sys.modules if k == "dinov2" or k.startswith("dinov2.")]:
+                del sys.modules[k]
+            sys.modules.update(foreign)
 
 
 with _own_dinov2():
