@@ -13,7 +13,7 @@ DEMO_OUT ?= outputs/demo
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py requirements.txt
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)

@@ -1,6 +1,9 @@
 """torch.hub entry points, one-time download into the hub cache, strict loading, weight selection."""
+import hashlib
 import http.server
 import os
+import subprocess
+import sys
 import threading
 from functools import partial
 
@@ -80,31 +83,111 @@ def file_server(tmp_path):
 def test_download_once_then_reuse_and_strict_load(tmp_path, file_server, monkeypatch):
     serve, base = file_server
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    for var in hubconf.OFFLINE_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
     torch.hub.set_dir(str(tmp_path / "hub"))
     src = hubconf.dinov2_vits14(pretrained=False, depth=1, img_size=28)
     torch.save(src.state_dict(), serve / "tiny.pth")
     url = f"{base}/tiny.pth"
     a = hubconf.dinov2_vits14(weights=url, depth=1, img_size=28, progress=False)
     b = hubconf.dinov2_vits14(weights=url, depth=1, img_size=28, progress=False)
-    gets = [r for r in _Handler.requests if r[0] == "GET"]
-    assert len(gets) == 1, _Handler.requests
+    assert _Handler.requests == [("GET", "/tiny.pth")]  # one download; the cached copy needs no request at all
     assert torch.equal(a.pos_embed, src.pos_embed) and torch.equal(b.blocks[0].mlp.fc1.weight,
                                                                   src.blocks[0].mlp.fc1.weight)
-    # a truncated cached copy (size differs from the server's) is downloaded again
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", "tiny.pth")
+    digest = hashlib.sha256((serve / "tiny.pth").read_bytes()).hexdigest()
+    assert open(cached + ".sha256").read().split()[0] == digest  # recorded at download
+    # a corrupted cached copy (digest differs from the recorded one) is downloaded again
     with open(cached, "r+b") as f:
         f.truncate(100)
     hubconf.dinov2_vits14(weights=url, depth=1, img_size=28, progress=False)
-    assert len([r for r in _Handler.requests if r[0] == "GET"]) == 2
+    assert [r for r in _Handler.requests if r[0] == "GET"] == [("GET", "/tiny.pth")] * 2
     # strict: a checkpoint for another architecture is refused
     with pytest.raises(RuntimeError, match="Missing key|Unexpected key|size mismatch"):
         hubconf.dinov2_vits14(weights=url, depth=2, img_size=28, progress=False)
+    # a digest given by the caller (or in the file name) is checked on download and on load
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        hubconf.dinov2_vits14(weights=url, depth=1, img_size=28, progress=False, sha256="0" * 64)
+    named = f"tiny-{digest[:10]}.pth"
+    (serve / named).write_bytes((serve / "tiny.pth").read_bytes())
+    hubconf.dinov2_vits14(weights=f"{base}/{named}", depth=1, img_size=28, progress=False)
+    wrong = "tiny-0123456789.pth"
+    (serve / wrong).write_bytes((serve / "tiny.pth").read_bytes())
+    with pytest.raises(RuntimeError, match="expected 0123456789: removed it"):
+        hubconf.dinov2_vits14(weights=f"{base}/{wrong}", depth=1, img_size=28, progress=False)
+    assert not os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", wrong))
+
+
+@pytest.mark.parametrize("variable", ["PANOPTICON_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_mode_never_touches_the_network(tmp_path, file_server, monkeypatch, variable):
+    serve, base = file_server
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    src = hubconf.dinov2_vits14(pretrained=False, depth=1, img_size=28)
+    torch.save(src.state_dict(), serve / "tiny.pth")
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(RuntimeError, match=r"offline mode .*tiny.pth is not cached.*weights="):
+        hubconf.dinov2_vits14(weights=f"{base}/tiny.pth", depth=1, img_size=28, progress=False)
+    # a file placed in the cache by hand is used (and its digest recorded); still no request
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "tiny.pth").write_bytes((serve / "tiny.pth").read_bytes())
+    m = hubconf.dinov2_vits14(weights=f"{base}/tiny.pth", depth=1, img_size=28, progress=False)
+    assert torch.equal(m.cls_token, src.cls_token)
+    assert (folder / "tiny.pth.sha256").is_file()
+    with open(folder / "tiny.pth", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(RuntimeError, match="offline mode .* has SHA-256"):
+        hubconf.dinov2_vits14(weights=f"{base}/tiny.pth", depth=1, img_size=28, progress=False)
+    assert _Handler.requests == []
 
 
 def test_offline_error_explains_local_file(tmp_path, monkeypatch):
+    for var in hubconf.OFFLINE_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
     torch.hub.set_dir(str(tmp_path / "hub"))
     with pytest.raises(RuntimeError, match="weights="):
         hubconf.cached_download("http://127.0.0.1:9/panopticon_vitb14_teacher.pth", progress=False)
+
+
+_FOREIGN_THEN_HUB = r"""
+import os, sys, torch
+foreign_root, repo = sys.argv[1], sys.argv[2]
+sys.path.insert(0, foreign_root)
+import dinov2, dinov2.models.vision_transformer as foreign_vt
+assert dinov2.__file__.startswith(foreign_root)
+before = {k: v for k, v in sys.modules.items() if k == "dinov2" or k.startswith("dinov2.")}
+model = torch.hub.load(repo, "panopticon_vitb14", source="local", pretrained=False, depth=1,
+                       pe_args={"attn_dim": 32, "chnfus_cfg": {"attn_cfg": {"num_heads": 2}}})
+calls_during_load = list(foreign_vt.CALLS)
+after = {k: v for k, v in sys.modules.items() if k == "dinov2" or k.startswith("dinov2.")}
+x = {"imgs": torch.randn(1, 3, 28, 28), "chn_ids": torch.tensor([[664, 559, 493]])}
+with torch.no_grad():
+    out = model(x)
+print("RESULT", type(model).__name__, tuple(out.shape), after == before, calls_during_load,
+      type(model).forward.__code__.co_filename.startswith(repo), dinov2.models.vision_transformer.vit_base("x"))
+"""
+
+
+def test_hub_load_after_a_foreign_dinov2_runs_this_repository(tmp_path):
+    """A process that already imported another `dinov2` (as after loading facebookresearch/dinov2) gets this
+    repository's model; the other package stays imported and none of its code runs."""
+    pkg = tmp_path / "foreign" / "dinov2"
+    (pkg / "models").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("FOREIGN = True\n")
+    (pkg / "models" / "__init__.py").write_text("")
+    (pkg / "models" / "vision_transformer.py").write_text(
+        "CALLS = []\n"
+        "def vit_base(*args, **kwargs):\n    CALLS.append('vit_base')\n    return 'foreign'\n"
+        "vit_small = vit_large = vit_giant2 = vit_base\n"
+        "class DinoVisionTransformer:\n    pass\n")
+    env = dict(os.environ, PYTHONPATH="")
+    proc = subprocess.run([sys.executable, "-c", _FOREIGN_THEN_HUB, str(tmp_path / "foreign"), str(ROOT)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
+    # this repository's class and code; the foreign modules are the same objects as before, none of their code
+    # ran during the load, and they still work afterwards
+    assert line == "RESULT DinoVisionTransformer (1, 768) True [] True foreign", line
 
 
 def test_local_weights_file_and_training_checkpoint_formats(tmp_path):

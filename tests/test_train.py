@@ -181,15 +181,17 @@ def test_cli_on_geotiff_scenes(tmp_path):
     assert "Training" in (out / "logs" / "log.txt").read_text()
 
 
-def test_submitit_launcher_runs_training_in_debug_mode(tmp_path):
-    from dinov2.run.train import main as submit_main
+def test_submitit_launcher_runs_training_in_debug_mode(tmp_path, capsys):
+    from dinov2.run.train import launch
 
     run_yaml = write_geotiff_run(tmp_path)
     out = tmp_path / "job"
-    job = submit_main(["--cluster=debug", "--ngpus=1", f"--config-file={run_yaml}", f"--output-dir={out}", *TINY,
+    job = launch(["--cluster=debug", "--ngpus=1", f"--config-file={run_yaml}", f"--output-dir={out}", *TINY,
                        "optim.epochs=1"])
     assert job.result()["iteration"] == 1
     assert (out / "model_final.pth").exists() and (out / "slurm").is_dir()
+    printed = capsys.readouterr().out
+    assert f"submitted job {job.job_id} (debug); logs: {out / 'slurm' / str(job.job_id)}/" in printed
 
 
 def test_training_runs_periodic_and_final_evaluation(tmp_path):

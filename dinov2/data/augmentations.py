@@ -1,4 +1,4 @@
-"""Pretraining augmentation (`PanopticonAugmentation`, reference §3.2) and config-driven composition.
+"""Pretraining augmentation (`PanopticonAugmentation`) and config-driven composition.
 
 Output id format (the collate needs one format per batch):
 - views with (C,2) `[mu, sigma]` ids (datasets built with `full_spectra=True`) give float32 (C_pad,2) ids on
@@ -55,7 +55,7 @@ class _CropFamily:
 
 
 class PanopticonAugmentation:
-    """Turn a list of views of one place into 2 global and N local spectral crops (reference §3.2).
+    """Turn a list of views of one place into 2 global and N local spectral crops.
 
     Per crop family: choose a view per crop (globals from distinct views when the sample has >= 2 views; with
     fewer views than crops every view is used once and the rest are drawn with replacement, so a single-view
@@ -184,7 +184,7 @@ def _to_container(cfg: Any) -> Any:
 
 
 def make_augmentation(cfg_list: Any) -> Compose:
-    """Build a `Compose` from a list of `{id: <class name>, **kwargs}` dicts or nested lists (reference §3.1)."""
+    """Build a `Compose` from a list of `{id: <class name>, **kwargs}` dicts or nested lists."""
     cfg_list = _to_container(cfg_list)
     if cfg_list is None:
         cfg_list = []

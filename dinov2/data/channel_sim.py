@@ -1,4 +1,4 @@
-"""Hyperspectral channel simulation: synthesise new broad bands from a hyperspectral cube (reference §3.6).
+"""Hyperspectral channel simulation: synthesise new broad bands from a hyperspectral cube.
 
 Each target band t has a Gaussian spectral response (mu_t, sigma_t). Its value is the SRF-overlap-weighted
 mean of the source channels,

@@ -1,4 +1,4 @@
-"""Multi-crop collate for pretraining: stacks crop dicts (crop-major) and builds iBOT masks (reference §3.4)."""
+"""Multi-crop collate for pretraining: stacks crop dicts (crop-major) and builds iBOT masks."""
 from __future__ import annotations
 
 import math
@@ -84,7 +84,7 @@ def collate_data_and_cast(
     mask_generator: Optional[MaskingGenerator] = None,
     patch_size: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Collate augmented pretraining samples into the training batch dict (reference §3.4).
+    """Collate augmented pretraining samples into the training batch dict.
 
     Args:
         samples_list: outputs of `PanopticonAugmentation` (or `(output, target)` tuples).

@@ -1,4 +1,4 @@
-"""Dataset factory (`make_dataset`) and DataLoader construction (`make_data_loader`), reference §2.13."""
+"""Dataset factory (`make_dataset`) and DataLoader construction (`make_data_loader`)."""
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,6 @@
 """Building blocks of the spectral augmentations and the eval transforms.
 
-Two data shapes flow through here:
+Two data shapes flow through here (see docs/data.md):
 - a *view*: `{'imgs': [Tensor(c_g,H_g,W_g), ...], 'chn_ids': [Tensor(c_g,) or (c_g,2), ...]}` (groups of bands
   sharing one resolution, all covering the same ground footprint);
 - an *x_dict* / crop: `{'imgs': Tensor(C,H,W), 'chn_ids': Tensor(C,) or (C,2), optional 'spec_masks': (C,)}`.
@@ -192,7 +192,7 @@ class ColorJitterRS:
 
     Each channel is treated as its own grey image (contrast blends it with its own spatial mean); factors are
     drawn once per call and the op order is random. Unlike torchvision's float ColorJitter the result is NOT
-    clamped to [0, 1] — inputs are z-scored (the published code clamps them, a fault). Saturation and hue have no
+    clamped to [0, 1] — inputs are z-scored (a published fault, docs/differences.md). Saturation and hue have no
     meaning for single-channel images and must be 0.
     """
 

@@ -1,7 +1,7 @@
 """Frozen-backbone feature extraction for evaluation.
 
-``backbone_to_features`` turns the raw outputs of the last blocks into one feature vector per image (poolings of
-reference §7.3); ``extract_features`` runs a frozen backbone over a dataset in batches (tqdm progress bar,
+``backbone_to_features`` turns the raw outputs of the last blocks into one feature vector per image (the published
+poolings); ``extract_features`` runs a frozen backbone over a dataset in batches (tqdm progress bar,
 device from the environment, optional autocast) and returns CPU float32 features for several
 (n_last_blocks, pooling) combinations at once, so every linear head / kNN classifier shares one pass.
 """

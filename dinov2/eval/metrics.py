@@ -1,6 +1,6 @@
 """Evaluation metrics implemented in plain torch (no torchmetrics).
 
-Result key names follow the published engine (reference §7.6):
+Result key names follow the published engine:
 - ``MulticlassAccuracy``        -> ``acc_top-{k}_{average}``
 - ``MultilabelAccuracy``        -> ``MulLabAcc_top-{k}_{average}``
 - ``MultiLabelAveragePrecision`` -> ``MulLabAvergPrec_{average}`` (mAP)

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 logger = logging.getLogger("dinov2")
 
-# published torch.hub configuration of panopticon_vitb14 (reference §8), as a student config section
+# published torch.hub configuration of panopticon_vitb14, as a student config section
 HUB_STUDENT_CFG: Dict[str, Any] = {
     "arch": "vit_base", "patch_size": 14, "layerscale": 1e-5, "ffn_layer": "mlp", "block_chunks": 0,
     "qkv_bias": True, "proj_bias": True, "ffn_bias": True, "num_register_tokens": 0,

@@ -2,7 +2,7 @@
 
 Optical bands (id >= 0) are described by their centre wavelength in nm and get a fixed sin-cos embedding of
 floor(nm); with (mu, sigma) ids and `use_full_spectra=True` an integrated (Gaussian-SRF) encoding is used instead.
-SAR bands (ids -1..-12) get a learned [transmit | receive | orbit] embedding (reference §1.2, §4.3).
+SAR bands (ids -1..-12) get a learned [transmit | receive | orbit] embedding (ids in docs/data.md).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def sincos_embedding(values: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def integrated_embedding(mu: torch.Tensor, sigma: torch.Tensor, dim: int) -> torch.Tensor:
-    """Integrated positional encoding of a Gaussian SRF N(mu, sigma^2) (reference §4.3).
+    """Integrated positional encoding of a Gaussian SRF N(mu, sigma^2).
 
     For d in 0..dim-1 with w_d = 10000^(-2d/dim): exp(-(w_d sigma)^2 / 2) * (sin(w_d mu) if d even else cos(w_d mu)).
     """

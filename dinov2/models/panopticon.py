@@ -10,7 +10,7 @@ Two computations of the same function share one set of parameters and the publis
   channel token (O(C * attn_dim^2) per patch, C x L x attn_dim activations).
 - ``impl='fused'`` (default) uses that everything but the softmax is linear and the query is a parameter, so the
   key projection folds into a per-head P*P filter and the value projection is applied after channel pooling
-  (see DESIGN.md, "The fast spectral patch embedding"). The folded products are formed in fp32, also under
+  (derivation in docs/patch_embedding.md). The folded products are formed in fp32, also under
   autocast, and gradients flow to every original parameter.
 """
 from __future__ import annotations

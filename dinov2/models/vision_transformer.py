@@ -34,7 +34,8 @@ def _as_xdict(x) -> XDict:
 
 
 class DinoVisionTransformer(nn.Module):
-    """ViT backbone; state-dict names follow DINOv2 / the released Panopticon checkpoint (reference §4.5)."""
+    """ViT backbone; state-dict names follow DINOv2 / the released Panopticon checkpoint
+    (docs/architecture.md)."""
 
     def __init__(
         self,

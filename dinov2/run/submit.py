@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -11,24 +12,64 @@ from typing import Any, Callable, Optional, Sequence
 logger = logging.getLogger("dinov2")
 
 
+CLUSTERS = ("slurm", "local", "debug")
+# launcher options and their defaults; None on the command line means "not given" (see `launcher_options_given`)
+LAUNCHER_DEFAULTS = dict(ngpus=8, nodes=1, cpus_per_task=10, mem_gb=0, timeout=2800, partition="", account="",
+                         qos="", comment="", exclude="", slurm_folder="")
+
+
+class SlurmUnavailableError(RuntimeError):
+    """`--cluster slurm` was asked for on a machine without SLURM."""
+
+
 def get_args_parser(description: Optional[str] = None, parents: Sequence[argparse.ArgumentParser] = (),
-                    add_help: bool = True) -> argparse.ArgumentParser:
+                    add_help: bool = True, default_cluster: Optional[str] = "slurm",
+                    epilog: Optional[str] = None) -> argparse.ArgumentParser:
     """Launcher options; `parents` contribute the task's own options (e.g. the training CLI)."""
-    p = argparse.ArgumentParser(description=description, parents=list(parents), add_help=add_help)
-    p.add_argument("--cluster", default=None, choices=[None, "slurm", "local", "debug"],
-                   help="submitit backend (default: slurm if available, else local; debug runs in-process)")
-    p.add_argument("--ngpus", "--gpus", "--gpus-per-node", type=int, default=8, help="GPUs (= tasks) per node")
-    p.add_argument("--nodes", "--nnodes", type=int, default=1, help="number of nodes")
-    p.add_argument("--cpus-per-task", type=int, default=10, help="CPU cores per task (data workers + 1)")
-    p.add_argument("--mem-gb", type=int, default=0, help="memory per node in GB (0 = cluster default)")
-    p.add_argument("--timeout", type=int, default=2800, help="job duration in minutes")
-    p.add_argument("--partition", default=os.environ.get("SLURM_PARTITION", ""), help="SLURM partition")
-    p.add_argument("--account", default="", help="SLURM account")
-    p.add_argument("--qos", default="", help="SLURM QOS")
-    p.add_argument("--comment", default="", help="SLURM comment")
-    p.add_argument("--exclude", default="", help="nodes to exclude")
-    p.add_argument("--slurm-folder", default="", help="submitit logs (default: <output dir>/slurm)")
+    p = argparse.ArgumentParser(description=description, parents=list(parents), add_help=add_help, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("launcher (submitit)")
+    here = "run in this process" if default_cluster is None else default_cluster
+    g.add_argument("--cluster", default=default_cluster, choices=CLUSTERS,
+                   help=f"where the job runs: slurm (submit with sbatch; an error if SLURM is not available), "
+                        f"local (submitit subprocesses on this machine), debug (submitit, in this process); "
+                        f"default: {here}")
+    g.add_argument("--ngpus", "--gpus", "--gpus-per-node", type=int, default=None,
+                   help=f"GPUs (= tasks) per node (default {LAUNCHER_DEFAULTS['ngpus']})")
+    g.add_argument("--nodes", "--nnodes", type=int, default=None,
+                   help=f"number of nodes (default {LAUNCHER_DEFAULTS['nodes']})")
+    g.add_argument("--cpus-per-task", type=int, default=None,
+                   help=f"CPU cores per task, data workers + 1 (default {LAUNCHER_DEFAULTS['cpus_per_task']})")
+    g.add_argument("--mem-gb", type=int, default=None, help="memory per node in GB (default: the cluster's)")
+    g.add_argument("--timeout", type=int, default=None,
+                   help=f"job duration in minutes (default {LAUNCHER_DEFAULTS['timeout']})")
+    g.add_argument("--partition", default=None, help="SLURM partition (default: $SLURM_PARTITION)")
+    g.add_argument("--account", default=None, help="SLURM account")
+    g.add_argument("--qos", default=None, help="SLURM quality of service")
+    g.add_argument("--comment", default=None, help="SLURM comment")
+    g.add_argument("--exclude", default=None, help="nodes to exclude, e.g. node[01-03]")
+    g.add_argument("--slurm-folder", default=None, help="folder of the submitit logs (default: <output dir>/slurm)")
     return p
+
+
+def launcher_options_given(args: argparse.Namespace) -> list:
+    """Names of the launcher options set on the command line (they only mean something with --cluster)."""
+    return [f"--{k.replace('_', '-')}" for k in LAUNCHER_DEFAULTS if getattr(args, k, None) is not None]
+
+
+def _fill_launcher_defaults(args: argparse.Namespace) -> None:
+    for key, value in LAUNCHER_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, os.environ.get("SLURM_PARTITION", "") if key == "partition" else value)
+
+
+def check_slurm_available() -> None:
+    """Raise `SlurmUnavailableError` unless `sbatch` is on PATH (never fall back to running locally)."""
+    if shutil.which("sbatch") is None:
+        raise SlurmUnavailableError(
+            "--cluster slurm: SLURM is not available on this machine (no `sbatch` on PATH). Run on a SLURM login "
+            "node, or choose explicitly: `--cluster local` (submitit subprocesses here) or no --cluster with "
+            "`panopticon train` (this process; also under torchrun)")
 
 
 def set_rank_environment() -> None:
@@ -46,10 +87,15 @@ def set_rank_environment() -> None:
 
 
 def submit_job(task: Callable[[], Any], args: argparse.Namespace, output_dir: str, name: str):
-    """Submit `task` (a picklable callable, ideally with a `checkpoint` method for requeueing) and return the
-    submitit job."""
+    """Submit `task` (a picklable callable, ideally with a `checkpoint` method for requeueing) to `args.cluster`
+    (slurm, local or debug; never chosen automatically), print the job id and log paths, return the job."""
     import submitit
 
+    if args.cluster not in CLUSTERS:
+        raise ValueError(f"--cluster must be one of {', '.join(CLUSTERS)}; got {args.cluster!r}")
+    if args.cluster == "slurm":
+        check_slurm_available()
+    _fill_launcher_defaults(args)
     folder = Path(args.slurm_folder or os.path.join(output_dir, "slurm")) / "%j"
     executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=30)
     params = dict(gpus_per_node=args.ngpus, tasks_per_node=args.ngpus, cpus_per_task=args.cpus_per_task,
@@ -61,10 +107,13 @@ def submit_job(task: Callable[[], Any], args: argparse.Namespace, output_dir: st
         for key in ("partition", "account", "qos", "comment", "exclude"):
             if getattr(args, key):
                 params[f"slurm_{key}"] = getattr(args, key)
-    elif executor.cluster in ("local", "debug"):
+    else:
         params.pop("gpus_per_node")  # local executors run tasks on this machine's devices
         params["tasks_per_node"] = max(1, min(args.ngpus, 1 if executor.cluster == "debug" else args.ngpus))
     executor.update_parameters(**params)
     job = executor.submit(task)
-    logger.info("submitted job %s (%s) -> logs in %s", job.job_id, executor.cluster, folder)
+    logs = Path(str(folder).replace("%j", str(job.job_id)))
+    print(f"submitted job {job.job_id} ({executor.cluster}); logs: {logs}/ "
+          f"(stdout {job.paths.stdout.name}, stderr {job.paths.stderr.name}); output: {output_dir}", flush=True)
+    logger.info("submitted job %s (%s) -> logs in %s", job.job_id, executor.cluster, logs)
     return job

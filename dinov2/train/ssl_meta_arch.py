@@ -42,7 +42,8 @@ def _unsupported(cfg) -> None:
 
 
 def _load_student_weights(backbone: nn.Module, entries) -> None:
-    """`student.pretrained_weights` entries (reference §5.2 format) applied to the student backbone."""
+    """`student.pretrained_weights` entries (as `dinov2.utils.checkpoint.load_pretrained_weights` takes them)
+    applied to the student backbone."""
     from dinov2.utils.checkpoint import load_pretrained_weights
 
     if hasattr(entries, "_metadata"):  # OmegaConf container

@@ -42,12 +42,19 @@ _RUN_LOCK: Optional[RunLock] = None  # held by the main rank from setup() until 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Panopticon pretraining", add_help=add_help)
-    p.add_argument("--config-file", "--config_file", dest="config_file", default="", help="training config yaml")
-    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="", help="run directory")
-    p.add_argument("--env", default=None, help="extra yaml merged after the config file (cluster paths)")
-    p.add_argument("--fastdevrun", action="store_true", help="tiny run in a throw-away sub-folder")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints in output dir")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
+    p.add_argument("--config-file", "--config_file", dest="config_file", default="",
+                   help="training config YAML, merged over dinov2/configs/defaults/pretrain_default.yaml "
+                        "(e.g. dinov2/configs/demo.yaml)")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="",
+                   help="run folder: config.yaml, logs/, checkpoints, model_final.pth (default: train.output_dir)")
+    p.add_argument("--env", default=None,
+                   help="extra YAML merged after the config file, e.g. cluster paths or batch sizes")
+    p.add_argument("--fastdevrun", action="store_true",
+                   help="a tiny run (1 epoch of 10 iterations) in a throw-away sub-folder of the output dir")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start from scratch even if the output dir holds a last_checkpoint")
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="key=value",
+                   help="config overrides in dotted form, e.g. optim.epochs=10 train.batch_size_per_gpu=32")
     return p
 
 

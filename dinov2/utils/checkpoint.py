@@ -34,6 +34,24 @@ def load_checkpoint_file(path: str, map_location: Union[str, torch.device] = "cp
         raise RuntimeError(f"could not read checkpoint {path}: {exc}") from exc
 
 
+BACKBONE_PREFIXES = ("teacher.backbone.", "backbone.")
+
+
+def backbone_state_dict(obj: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """The backbone state dict inside a loaded checkpoint: a hub-format teacher file as is; a training checkpoint
+    (`{"model": ...}` or `{"teacher": ...}` wrapping `teacher.backbone.*` / `backbone.*` keys) unwrapped."""
+    state = obj
+    for key in ("teacher", "model"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"expected a state dict (mapping of names to tensors), got {type(state).__name__}")
+    for prefix in BACKBONE_PREFIXES:
+        if any(str(k).startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
+
+
 def select_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     include: Union[None, str, Iterable[str]] = None,
@@ -64,7 +82,7 @@ def select_state_dict(
 def load_pretrained_weights(
     model: nn.Module, cfg_list: Iterable[Mapping[str, Any]], checkpoint_key: Optional[str] = "model"
 ) -> Tuple[List[str], List[str]]:
-    """Merge the selected parts of several checkpoints and load them non-strictly (reference §5.2).
+    """Merge the selected parts of several checkpoints and load them non-strictly.
 
     Each entry: `path` (file or URL), optional `checkpoint_key`, `include`, `exclude`, `prefix_map`.
     Returns (missing_keys, unexpected_keys); an entry that selects no key at all raises ValueError.

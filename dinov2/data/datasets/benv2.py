@@ -7,7 +7,7 @@ tokens). Every band is bilinearly resampled to 120x120.
 
 Channel order follows the band YAMLs ``ben-s1`` / ``ben-s2`` / ``ben-s1s2``: S1 is VV then VH, so the ids
 ``[-1 (VV), -2 (VH)]`` describe the data (the published reader sorted files by name, giving VH, VV under VV, VH
-ids — reference §9.7). Normalisation statistics come from the same YAMLs, in the same channel order.
+ids — docs/differences.md). Normalisation statistics come from the same YAMLs, in the same channel order.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """FmowDataset: footprint-indexed multi-sensor fMoW (fMoW-full RGB / WorldView MS + fMoW-Sentinel) for
-pretraining (reference §2.1).
+pretraining.
 
 Metadata: `<root>/fmow/metadata_v2/fmow_iwm_onid_<split>.parquet`, one row per footprint with list columns
 `img_id, path, sensor, gsd, timestamp, img_height, img_width` (one entry per image). Images are TIFFs under

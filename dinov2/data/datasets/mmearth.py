@@ -1,4 +1,4 @@
-"""MMEarth: Sentinel-1 + Sentinel-2 pairs from the MMEarth HDF5 release for pretraining (reference §2.3).
+"""MMEarth: Sentinel-1 + Sentinel-2 pairs from the MMEarth HDF5 release for pretraining.
 
 Layout under `base_path` (e.g. `$RDIR/datasets/mmearth/data_1M_v001`, name = folder name):
 `<name>.h5` (one dataset per modality, `[hf5_idx, band, H, W]`), `<name>.parquet` (columns `hf5_idx`, `split`,

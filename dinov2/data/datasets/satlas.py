@@ -1,4 +1,4 @@
-"""SatlasDataset: SatlasPretrain Sentinel-1 / Sentinel-2 / Landsat PNG tiles for pretraining (reference §2.4).
+"""SatlasDataset: SatlasPretrain Sentinel-1 / Sentinel-2 / Landsat PNG tiles for pretraining.
 
 Layout under `root` (default `$RDIR/datasets/satlas`), 8-bit PNGs:
 - s2: `sentinel2/<s2_dir>/tci/<id>.png` (RGB = B04,B03,B02) and `.../{b05,b06,b07,b08,b11,b12}/<id>.png`

@@ -1,0 +1,140 @@
+"""Conversion to and from torchgeo's Panopticon layout (timm `vit_base_patch14_dinov2` keys under `model.`)."""
+import importlib.util
+
+import pytest
+import torch
+
+import hubconf
+from dinov2.interop import from_torchgeo, resize_pos_embed, to_torchgeo
+from dinov2.run.convert import main as convert_main
+
+
+def timm_vit_base_patch14_dinov2_layout(img_size: int = 224) -> dict:
+    """Key -> shape of timm's vit_base_patch14_dinov2 without head (width 768, 12 blocks, 12 heads, MLP ratio 4,
+    LayerScale, class token, no register tokens), written out from its documented architecture."""
+    d, hidden, grid = 768, 4 * 768, img_size // 14
+    layout = {"cls_token": (1, 1, d), "pos_embed": (1, 1 + grid * grid, d), "norm.weight": (d,), "norm.bias": (d,)}
+    for i in range(12):
+        b = f"blocks.{i}."
+        layout.update({
+            b + "norm1.weight": (d,), b + "norm1.bias": (d,),
+            b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
+            b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
+            b + "ls1.gamma": (d,),
+            b + "norm2.weight": (d,), b + "norm2.bias": (d,),
+            b + "mlp.fc1.weight": (hidden, d), b + "mlp.fc1.bias": (hidden,),
+            b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,),
+            b + "ls2.gamma": (d,),
+        })
+    return layout
+
+
+@pytest.fixture(scope="module")
+def released():
+    """A state dict in the released panopticon_vitb14 layout (random weights; mask_token made non-zero)."""
+    torch.manual_seed(0)
+    sd = hubconf._panopticon_vitb14().state_dict()
+    sd["mask_token"] = torch.randn_like(sd["mask_token"])
+    return sd
+
+
+def test_to_torchgeo_matches_timm_layout(released):
+    tg = to_torchgeo(released, img_size=224)
+    assert all(k.startswith("model.") for k in tg)
+    keys = {k[len("model."):]: tuple(v.shape) for k, v in tg.items()}
+    vit = {k: s for k, s in keys.items() if not k.startswith("patch_embed.")}
+    assert vit == timm_vit_base_patch14_dinov2_layout(224)
+    # the spectral patch embedding keeps the released names and sizes (12,847,872 parameters)
+    pe = {k: v for k, v in tg.items() if k.startswith("model.patch_embed.")}
+    assert {k[len("model."):] for k in pe} == {k for k in released if k.startswith("patch_embed.")}
+    assert sum(v.numel() for v in pe.values()) == 12_847_872
+    assert "model.mask_token" not in tg
+    assert to_torchgeo(released, img_size=448)["model.pos_embed"].shape == (1, 1 + 32 * 32, 768)
+
+
+def test_pos_embed_resize_by_hand():
+    # a constant grid stays constant under (antialiased) bicubic resizing; the class token is untouched
+    pe = torch.cat([torch.full((1, 1, 4), 7.0), torch.full((1, 37 * 37, 4), 0.25)], dim=1)
+    out = resize_pos_embed(pe, 16)
+    assert out.shape == (1, 257, 4) and torch.all(out[:, 0] == 7.0)
+    assert torch.allclose(out[:, 1:], torch.full((1, 256, 4), 0.25), atol=1e-6)
+    # a 2x2 grid upsampled to 4x4: bicubic with align_corners=False keeps the mean of a symmetric pattern
+    pe = torch.tensor([[0.0], [1.0], [3.0], [5.0], [7.0]]).reshape(1, 5, 1)
+    up = resize_pos_embed(pe, 4)[:, 1:].reshape(4, 4)
+    assert up.mean().item() == pytest.approx(4.0, abs=1e-5)  # mean of 1, 3, 5, 7
+    assert up[0, 0] < up[0, 3] < up[3, 3]  # keeps the orientation: rows then columns
+    with pytest.raises(ValueError, match="not a square grid"):
+        resize_pos_embed(torch.zeros(1, 1 + 10, 4), 4)
+
+
+def test_round_trip_is_exact_on_the_same_grid(released):
+    back = from_torchgeo(to_torchgeo(released, img_size=518), img_size=518, mask_token=released["mask_token"])
+    assert set(back) == set(released)
+    assert all(torch.equal(back[k], released[k]) for k in released)
+    # default: the dropped mask token comes back as zeros (it only serves the iBOT training objective)
+    assert torch.equal(from_torchgeo(to_torchgeo(released, 518))["mask_token"], torch.zeros(1, 768))
+
+
+def test_chunked_blocks_and_refused_layouts():
+    from dinov2.models.vision_transformer import vit_small
+
+    flat = vit_small(patch_size=14, img_size=56, depth=4, block_chunks=0, embed_layer="PanopticonPE",
+                     pe_args={"attn_dim": 32, "chnfus_cfg": {"attn_cfg": {"num_heads": 2}}}).state_dict()
+    chunked = {}
+    for k, v in flat.items():  # what block_chunks=2 produces: blocks.<chunk>.<global index>.
+        if k.startswith("blocks."):
+            i = int(k.split(".")[1])
+            k = f"blocks.{i // 2}.{i}." + k.split(".", 2)[2]
+        chunked[k] = v
+    assert set(to_torchgeo(chunked, img_size=56)) == set(to_torchgeo(flat, img_size=56))
+    with pytest.raises(ValueError, match="register tokens"):
+        to_torchgeo(dict(flat, register_tokens=torch.zeros(1, 4, 384)))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        to_torchgeo(flat, img_size=100)
+    with pytest.raises(ValueError, match="not a ViT backbone"):
+        to_torchgeo({"teacher.dino_head.w": torch.zeros(1)})
+    with pytest.raises(ValueError, match="without a counterpart"):
+        from_torchgeo(dict(to_torchgeo(flat, 56), **{"model.head.weight": torch.zeros(2, 384)}))
+
+
+def test_convert_cli_training_checkpoint_and_back(tmp_path, capsys):
+    from dinov2.models.vision_transformer import vit_small
+
+    torch.manual_seed(1)
+    model = vit_small(patch_size=14, img_size=518, depth=2, block_chunks=0, embed_layer="PanopticonPE",
+                      pe_args={"attn_dim": 32, "chnfus_cfg": {"attn_cfg": {"num_heads": 2}}})
+    sd = model.state_dict()
+    ckpt = tmp_path / "model_final.pth"
+    torch.save({"model": {"teacher.backbone." + k: v for k, v in sd.items()}, "iteration": 5}, ckpt)
+    tg_path, back_path = tmp_path / "tg.pth", tmp_path / "back.pth"
+    assert convert_main([str(tmp_path), str(tg_path)]) == 0  # a run folder: its model_final.pth
+    assert "panopticon -> torchgeo layout, position grid 16x16" in capsys.readouterr().out
+    tg = torch.load(tg_path, weights_only=True)
+    assert tg["model.pos_embed"].shape == (1, 257, 384)
+    assert convert_main([str(tg_path), str(back_path), "--to", "panopticon"]) == 0
+    back = torch.load(back_path, weights_only=True)
+    assert set(back) == set(sd) and back["pos_embed"].shape == sd["pos_embed"].shape
+    assert all(torch.equal(back[k], sd[k]) for k in sd if k not in ("pos_embed", "mask_token"))
+    with pytest.raises(ValueError, match="already in the torchgeo layout"):
+        convert_main([str(tg_path), str(tmp_path / "x.pth"), "--to", "torchgeo"])
+    # the converted-back file loads strictly through the hub entry point's loader
+    loaded = vit_small(patch_size=14, img_size=518, depth=2, block_chunks=0, embed_layer="PanopticonPE",
+                       pe_args={"attn_dim": 32, "chnfus_cfg": {"attn_cfg": {"num_heads": 2}}})
+    hubconf._load_weights(loaded, str(back_path), "unused", progress=False)
+    x = {"imgs": torch.randn(1, 3, 28, 28), "chn_ids": torch.tensor([[664, 559, 493]])}
+    with torch.no_grad():
+        assert model.eval()(x).shape == loaded.eval()(x).shape
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchgeo") is None or importlib.util.find_spec("timm") is None,
+                    reason="torchgeo and timm are not installed")
+def test_equal_outputs_with_torchgeo(released):
+    from torchgeo.models import panopticon_vitb14
+
+    tg_model = panopticon_vitb14(weights=None, img_size=224).eval()
+    tg_model.load_state_dict(to_torchgeo(released, img_size=224), strict=True)
+    ours = hubconf._panopticon_vitb14(img_size=224)
+    ours.load_state_dict(from_torchgeo(to_torchgeo(released, img_size=224), img_size=224), strict=True)
+    x = {"imgs": torch.randn(2, 4, 224, 224), "chn_ids": torch.tensor([[664, 559, 493, 842]] * 2)}
+    with torch.no_grad():
+        torch.testing.assert_close(tg_model(x), ours.eval()(x), atol=1e-4, rtol=1e-4)
