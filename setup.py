@@ -9,6 +9,7 @@ CORE = ["torch>=2.1", "torchvision>=0.16", "numpy>=1.24", "omegaconf>=2.3", "pyy
 DATA = ["pandas>=2.0", "pyarrow>=14", "h5py>=3.9", "tifffile>=2023.7.10", "rasterio>=1.3", "pillow>=10.0"]
 TRAIN = DATA + ["python-dotenv>=1.0", "fire>=0.5", "submitit>=1.5", "tqdm>=4.66", "matplotlib>=3.7"]
 EVAL = DATA + ["python-dotenv>=1.0", "fire>=0.5", "tqdm>=4.66", "matplotlib>=3.7"]
+EXPORT = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]
 
 setup(
     name="panopticon",
@@ -26,6 +27,7 @@ setup(
         "train": TRAIN,
         "eval": EVAL,
         "wandb": ["wandb>=0.16"],
-        "dev": sorted(set(TRAIN + EVAL)) + ["pytest>=8.0", "pytest-xdist>=3.5"],
+        "export": EXPORT,
+        "dev": sorted(set(TRAIN + EVAL + EXPORT)) + ["pytest>=8.0", "pytest-xdist>=3.5"],
     },
 )
