@@ -128,6 +128,16 @@ def test_training_cli_writes_nothing_before_refusing(tmp_path):
     assert not out.exists()
 
 
+def test_a_run_folders_config_yaml_loads_again(tmp_path):
+    from dinov2.utils.config import apply_scaling_rules, write_config
+
+    cfg = load_config(str(CONFIG_DIR / "demo.yaml"), ["train.dataset.scenes=s.yaml"])
+    cfg.train.short_exp_name, cfg.slurm_job_id = "run", "123"  # what the trainer adds
+    apply_scaling_rules(cfg, 1)
+    again = load_config(write_config(cfg, str(tmp_path)), [])
+    assert again.optim.lr == cfg.optim.lr and again.train.short_exp_name == "run"
+
+
 def _task(tmp_path, cfg: dict) -> Path:
     path = tmp_path / "task.yaml"
     path.write_text(yaml.safe_dump(cfg))
