@@ -146,3 +146,11 @@ def test_checks_run_in_eager_mode_and_are_skipped_while_tracing():
     seen.clear()
     torch.compile(probe, backend="eager")(torch.ones(3))
     assert seen == [True]
+
+
+def test_float64_pixels_beyond_float32_range_reported_by_magnitude():
+    imgs, ids = _batch()
+    imgs = imgs.double()
+    imgs[0, 4, 0, 0] = 1e300
+    with pytest.raises(ValueError, match="image 0 channel 4 has pixels of magnitude 1e\\+300"):
+        _spectral()({"imgs": imgs, "chn_ids": ids})
