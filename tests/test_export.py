@@ -153,3 +153,14 @@ def test_cli_real_vitb14_architecture_at_224(tmp_path, capsys):
         assert f"{c:3d} bands" in printed
     sess = ort.InferenceSession(str(tmp_path / "vitb14.onnx"), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].shape[2:] == [224, 224]
+
+
+def test_torch_compile_traces_the_whole_model_without_graph_breaks():
+    model = _tiny()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: a graph break is an error
+    imgs, ids = _inputs(2, 5)
+    masks = torch.zeros(2, 5, dtype=torch.bool)
+    masks[0, 2] = True
+    x = {"imgs": imgs, "chn_ids": ids, "spec_masks": masks}
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
