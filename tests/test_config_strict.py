@@ -171,3 +171,12 @@ def test_eval_override_with_unknown_key_is_refused(tmp_path):
     path = _task(tmp_path, {"task": {"id": "retrieval"}, "test_dataset": {"id": "x"}})
     with pytest.raises(ValueError, match=r"eval override: unknown key 'optim\.dl\.batchsize'.*'optim\.dl\.batch_size'"):
         build_task_cfg(path, {"optim.dl.batchsize": 4})
+
+
+def test_training_eval_overwrites_are_checked_at_load_time():
+    with pytest.raises(ConfigError, match=r"eval\.overwrites: unknown key 'optim\.dl\.batchsize'"):
+        load_config(None, ["eval.overwrites.optim.dl.batchsize=4"])
+    with pytest.raises(ConfigError, match=r"eval\.final_model\.overwrites: unknown key 'heads\.nb_nn'"):
+        load_config(None, ["eval.final_model.overwrites.heads.nb_nn=4"])
+    cfg = load_config(None, ["eval.overwrites.optim.dl.batch_size=4", "eval.overwrites.test_dataset.subset=5"])
+    assert cfg.eval.overwrites.optim.dl.batch_size == 4

@@ -26,10 +26,6 @@ DEFAULT_FILES = {"knn": "default_eval_knn.yaml", "classification": "default_eval
                  "multilabelclassification": "default_eval_linear_multilabel.yaml",
                  "retrieval": "default_eval_retrieval.yaml"}
 REPLACE_NOT_MERGE = ("task.query_bands", "task.key_bands")
-# task-file sections with free structure: dataset dicts (constructor kwargs, transforms) and interpolation scratch
-# and band-subset / loss specs whose keys select a variant
-FREE_FORM = ("_vars", "_default_augms", "train_dataset", "val_dataset", "test_dataset", "test_datasets_list",
-             "query_bands", "key_bands", "criterion_cfg")
 
 
 def eval_config_root() -> Path:
@@ -86,18 +82,16 @@ def _defaults_dir() -> Path:
 
 def check_task_keys(path: Path, task, overrides, default) -> None:
     """Every key of the task file must be declared in its task type's defaults file, every override key in one
-    of the defaults files (a suite-wide override may target one task type), except in `FREE_FORM` sections;
-    otherwise a ConfigError (ValueError) names the file, the key and the closest declared key."""
+    of the defaults files (a suite-wide override may target one task type), except in `EVAL_FREE_FORM`
+    sections; otherwise a ConfigError (ValueError) names the file, the key and the closest declared key."""
     from omegaconf import OmegaConf
 
-    from dinov2.utils.config_schema import find_unknown_keys, raise_if_problems
+    from dinov2.utils.config_schema import EVAL_FREE_FORM, eval_override_problems, find_unknown_keys, \
+        raise_if_problems
 
     plain = lambda node: OmegaConf.to_container(node, resolve=False)  # noqa: E731
-    problems = find_unknown_keys(plain(task), plain(default), f"{path}", free_form=FREE_FORM)
-    if len(overrides):
-        union = OmegaConf.merge(*[OmegaConf.load(_defaults_dir() / name) for name in DEFAULT_FILES.values()
-                                  if (_defaults_dir() / name).is_file()])
-        problems += find_unknown_keys(plain(overrides), plain(union), "eval override", free_form=FREE_FORM)
+    problems = find_unknown_keys(plain(task), plain(default), f"{path}", free_form=EVAL_FREE_FORM)
+    problems += eval_override_problems(plain(overrides), _defaults_dir(), "eval override")
     raise_if_problems(problems, "evaluation task config",
                       hint=f"new keys are declared with their default in {_defaults_dir()}/default_eval_*.yaml")
 

@@ -17,8 +17,8 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinov2.utils.config_schema import (TRAIN_FREE_FORM, find_bad_values, find_unknown_keys, raise_if_problems,
-                                        unknown_override_keys)
+from dinov2.utils.config_schema import (TRAIN_FREE_FORM, eval_override_problems, find_bad_values, find_unknown_keys,
+                                        raise_if_problems, unknown_override_keys)
 
 logger = logging.getLogger("dinov2")
 
@@ -26,6 +26,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 REPO_ROOT = CONFIG_DIR.parents[1]
 DEFAULT_CONFIG = CONFIG_DIR / "defaults" / "pretrain_default.yaml"
 FASTDEVRUN_CONFIG = CONFIG_DIR / "defaults" / "fastdevrun.yaml"
+EVAL_DEFAULTS_DIR = CONFIG_DIR / "eval" / "defaults"
 
 
 def _env(name: str, default: Any = None) -> Any:
@@ -110,6 +111,13 @@ def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()
     cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
     if fastdevrun:
         cfg = OmegaConf.merge(cfg, OmegaConf.load(FASTDEVRUN_CONFIG))
+    if schema is not None:  # evaluation overrides fail now rather than at the first evaluation, hours later
+        problems = []
+        for key in ("eval.overwrites", "eval.final_model.overwrites"):
+            node = OmegaConf.select(cfg, key, default=None)
+            if isinstance(node, DictConfig):
+                problems += eval_override_problems(_plain(node), EVAL_DEFAULTS_DIR, key)
+        raise_if_problems(problems, "training config")
     if resolve:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         for k in [k for k in cfg.keys() if str(k).startswith("_")]:

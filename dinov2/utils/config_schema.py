@@ -15,6 +15,11 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 # training-config subtrees whose keys are constructor kwargs / free structures
 TRAIN_FREE_FORM = ("pe_args", "dataset", "pretrain_augm", "overwrites", "pretrained_weights")
 
+# evaluation task sections with free structure: dataset dicts (constructor kwargs, transforms), interpolation
+# scratch, and band-subset / loss specs whose keys select a variant
+EVAL_FREE_FORM = ("_vars", "_default_augms", "train_dataset", "val_dataset", "test_dataset", "test_datasets_list",
+                  "query_bands", "key_bands", "criterion_cfg")
+
 # integer-declared keys that take fractions: epoch counts (the loop multiplies them by the epoch length)
 FRACTIONAL = frozenset({
     "optim.epochs", "optim.warmup_epochs", "optim.hold_epochs", "optim.break_at_epochs", "train.saveckp_freq",
@@ -129,6 +134,21 @@ def find_unknown_keys(cfg: Mapping, schema: Mapping, where: str,
 
     walk(cfg, schema, "")
     return out
+
+
+def eval_override_problems(overrides: Mapping, defaults_dir, where: str) -> List[str]:
+    """Messages for evaluation overrides (nested dict) declared by none of the task defaults
+    (`<defaults_dir>/default_eval_*.yaml`): one override applies to every task of a suite, whatever its type."""
+    if not overrides:
+        return []
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    files = sorted(Path(defaults_dir).glob("default_eval_*.yaml"))
+    union = OmegaConf.to_container(OmegaConf.merge(*[OmegaConf.load(f) for f in files]), resolve=False) if files \
+        else {}
+    return find_unknown_keys(overrides, union, where, free_form=EVAL_FREE_FORM)
 
 
 def unknown_override_keys(overrides: Sequence[str], base: Mapping, schema: Mapping,
