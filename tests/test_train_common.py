@@ -53,8 +53,8 @@ class SimulatedKill(Exception):
 
 
 class InMemoryScenes(Dataset):
-    """Map-style pretraining dataset of `make_sample` places; after `nan_after` calls it returns NaN pixels (to
-    provoke a non-finite loss mid-run), after `kill_after` calls it raises `SimulatedKill`."""
+    """Map-style pretraining dataset of `make_sample` places; after `nan_after` calls it returns NaN pixels (a
+    bad batch mid-run, which the model refuses), after `kill_after` calls it raises `SimulatedKill`."""
 
     def __init__(self, n: int = 8, transform=None, nan_after: int = -1, kill_after: int = -1):
         self.n, self.transform, self.nan_after, self.kill_after, self.calls = n, transform, nan_after, kill_after, 0
