@@ -142,10 +142,18 @@ def test_cli_help_imports_no_export_extra():
 
 
 @pytest.mark.slow
-def test_cli_real_vitb14_architecture_at_224(tmp_path, capsys):
-    """The published ViT-B/14 (random weights; position table stored at 518 px) exported at 224 px (15-35 s on
-    2 busy cores: torch.export tracing dominates)."""
-    rc = export_cli.main(["--model", "panopticon_vitb14", "--pretrained", "false", "--output",
+def test_cli_real_vitb14_architecture_with_weights_file_at_224(tmp_path, capsys):
+    """The published ViT-B/14 (random weights saved as a teacher checkpoint; position table stored at 518 px)
+    exported at 224 px (20-50 s on 2 busy cores: torch.export tracing dominates)."""
+    from dinov2.eval.model_loading import HUB_STUDENT_CFG
+    from dinov2.models import build_model
+
+    torch.manual_seed(3)
+    original, _ = build_model(dict(HUB_STUDENT_CFG), only_teacher=True, img_size=518)
+    original.eval()
+    weights = tmp_path / "teacher_checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in original.state_dict().items()}}, weights)
+    rc = export_cli.main(["--model", "panopticon_vitb14", "--weights", str(weights), "--output",
                           str(tmp_path / "vitb14"), "--check"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -153,6 +161,10 @@ def test_cli_real_vitb14_architecture_at_224(tmp_path, capsys):
         assert f"{c:3d} bands" in printed
     sess = ort.InferenceSession(str(tmp_path / "vitb14.onnx"), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].shape[2:] == [224, 224]
+    imgs, ids = _inputs(1, 13, size=224)
+    (got,) = sess.run(None, {"imgs": imgs.numpy(), "chn_ids": ids.numpy()})
+    with torch.no_grad():  # the weights in the file, not fresh random ones, were exported
+        np.testing.assert_allclose(got, original({"imgs": imgs, "chn_ids": ids}).numpy(), atol=1e-4, rtol=0)
 
 
 def test_torch_compile_traces_the_whole_model_without_graph_breaks():

@@ -58,9 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _weights_entry(path: str) -> dict:
+    """How to find the backbone in a weights file: a raw backbone state dict (the release), a teacher checkpoint
+    ``{'teacher': {backbone.*}}`` or a training checkpoint ``{'model': {teacher.backbone.*}}``."""
+    from dinov2.utils.checkpoint import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("teacher"), dict):
+        return {"path": path, "checkpoint_key": "teacher", "prefix_map": {"backbone.": ""}}
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        return {"path": path, "checkpoint_key": "model", "prefix_map": {"teacher.backbone.": ""}}
+    return {"path": path, "checkpoint_key": None}
+
+
 def load_model(model: str, weights: Optional[str] = None, pretrained: bool = True):
     """The backbone (eval mode) named by `model`: a hub name, a run folder or a checkpoint file."""
-    from dinov2.eval.model_loading import HUB_STUDENT_CFG, build_eval_backbone, resolve_model_objs
+    from dinov2.eval.model_loading import HUB_STUDENT_CFG, ModelSpec, build_eval_backbone, resolve_model_objs
     from dinov2.models import build_model
 
     if model in HUB_MODELS:
@@ -73,8 +86,10 @@ def load_model(model: str, weights: Optional[str] = None, pretrained: bool = Tru
             return backbone.eval()
         if not Path(weights).is_file():
             raise FileNotFoundError(f"--weights {weights!r} does not exist")
-        model = weights
-    elif weights is not None:
+        spec = ModelSpec(str(weights), dict(HUB_STUDENT_CFG), [_weights_entry(str(weights))], output_dir="",
+                         kind="hub")
+        return build_eval_backbone(spec).backbone.eval()  # every backbone parameter must be in the file
+    if weights is not None:
         raise ValueError("--weights is only for hub model names; give the checkpoint itself as --model")
     if not Path(model).exists():
         raise FileNotFoundError(f"--model {model!r} is neither a hub name ({', '.join(HUB_MODELS)}) nor an "
