@@ -53,8 +53,8 @@ class SimulatedKill(Exception):
 
 
 class InMemoryScenes(Dataset):
-    """Map-style pretraining dataset of `make_sample` places; after `nan_after` calls it returns NaN pixels (to
-    provoke a non-finite loss mid-run), after `kill_after` calls it raises `SimulatedKill`."""
+    """Map-style pretraining dataset of `make_sample` places; after `nan_after` calls it returns NaN pixels (a
+    bad batch mid-run, which the model refuses), after `kill_after` calls it raises `SimulatedKill`."""
 
     def __init__(self, n: int = 8, transform=None, nan_after: int = -1, kill_after: int = -1):
         self.n, self.transform, self.nan_after, self.kill_after, self.calls = n, transform, nan_after, kill_after, 0
@@ -176,7 +176,8 @@ def test_config_merge_order_env_resolvers_and_errors(tmp_path, monkeypatch):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  batch_size_per_gpu: ${oc.env:MY_BSZ}\n  seed: 5\noptim:\n  base_lr: ${env:MY_LR,0.5}\n")
     cfg = load_config(str(f), ["train.seed=9"])
-    assert cfg.train.batch_size_per_gpu == "7" and cfg.train.seed == 9 and float(cfg.optim.base_lr) == 0.5
+    # numeric strings from the environment become numbers for keys declared numeric
+    assert cfg.train.batch_size_per_gpu == 7 and cfg.train.seed == 9 and float(cfg.optim.base_lr) == 0.5
     assert cfg.student.arch == "vit_base"  # from the defaults
     f.write_text("optim:\n  base_lr: ${env:SURELY_NOT_SET_VAR}\n")
     with pytest.raises(Exception, match="SURELY_NOT_SET_VAR"):

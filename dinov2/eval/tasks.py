@@ -66,6 +66,7 @@ def build_task_cfg(path: Path, overrides: Optional[Mapping[str, Any]] = None, re
     if not default_path.is_file():
         default_path = PKG_EVAL_CFG / "defaults" / DEFAULT_FILES[task_id]
     default = OmegaConf.load(default_path)
+    check_task_keys(path, task, ov, default)
     for key in REPLACE_NOT_MERGE:  # a band subset replaces the one below it (default <- task <- override) entirely
         if OmegaConf.select(task, key) is not None or OmegaConf.select(ov, key) is not None:
             OmegaConf.update(default, key, None, merge=False)
@@ -78,6 +79,27 @@ def build_task_cfg(path: Path, overrides: Optional[Mapping[str, Any]] = None, re
     for scratch in ("_vars", "_default_augms"):
         plain.pop(scratch, None)
     return OmegaConf.create(plain)
+
+
+def _defaults_dir() -> Path:
+    root = eval_config_root() / "defaults"
+    return root if root.is_dir() else PKG_EVAL_CFG / "defaults"
+
+
+def check_task_keys(path: Path, task, overrides, default) -> None:
+    """Every key of the task file must be declared in its task type's defaults file, every override key in one
+    of the defaults files (a suite-wide override may target one task type), except in `EVAL_FREE_FORM`
+    sections; otherwise a ConfigError (ValueError) names the file, the key and the closest declared key."""
+    from omegaconf import OmegaConf
+
+    from dinov2.utils.config_schema import EVAL_FREE_FORM, eval_override_problems, find_unknown_keys, \
+        raise_if_problems
+
+    plain = lambda node: OmegaConf.to_container(node, resolve=False)  # noqa: E731
+    problems = find_unknown_keys(plain(task), plain(default), f"{path}", free_form=EVAL_FREE_FORM)
+    problems += eval_override_problems(plain(overrides), _defaults_dir(), "eval override")
+    raise_if_problems(problems, "evaluation task config",
+                      hint=f"new keys are declared with their default in {_defaults_dir()}/default_eval_*.yaml")
 
 
 def _plain(node) -> Any:

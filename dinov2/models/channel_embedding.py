@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .input_checks import is_tracing
+
 NUM_SAR_CODES = 12
 
 
@@ -73,7 +75,7 @@ class ChnEmb(nn.Module):
             optical = integrated_embedding(mu, sigma.to(torch.float32), self.embed_dim)
         else:
             optical = sincos_embedding(torch.floor(mu / self.opt_coarsity), self.embed_dim)
-        if not bool(is_sar.any()):
+        if not is_tracing() and not bool(is_sar.any()):  # exported graphs always take the (exact) SAR branch
             return optical
         sar_idx = (-mu - 1).clamp(0, NUM_SAR_CODES - 1).long()
         sar = self.sar_table()[sar_idx]

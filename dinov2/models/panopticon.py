@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .channel_embedding import ChnEmb, check_chn_ids
+from .input_checks import check_masks, is_tracing, prepare_images
 
 IMPLS = ("fused", "reference")
 CHUNK_BYTES = 8 * 2**20  # fused path: rearranged patches processed per chunk (cache-sized)
@@ -107,27 +108,23 @@ class PanopticonPE(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ checks
     def _validate(self, x_dict) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Structure checks here; value checks, dtype cast and masked-channel zeroing in `input_checks`."""
         if not isinstance(x_dict, dict):
             raise ValueError("PanopticonPE expects an x_dict with keys 'imgs', 'chn_ids' (and optional 'spec_masks')")
         for key in ("imgs", "chn_ids"):
             if key not in x_dict:
                 raise ValueError(f"x_dict is missing the key {key!r}")
-        imgs, chn_ids, masks = x_dict["imgs"], x_dict["chn_ids"], x_dict.get("spec_masks")
+        imgs, chn_ids = x_dict["imgs"], x_dict["chn_ids"]
         if not isinstance(imgs, torch.Tensor) or imgs.ndim != 4:
             shape = tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__
             raise ValueError(f"imgs must be a 4-D tensor (B, C, H, W), got {shape}")
         B, C, H, W = imgs.shape
         if H < self.patch_size or W < self.patch_size:
             raise ValueError(f"image {H}x{W} is smaller than one {self.patch_size}x{self.patch_size} patch")
-        check_chn_ids(chn_ids, B, C)
-        if masks is not None:
-            if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != (B, C):
-                got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
-                raise ValueError(f"spec_masks must have shape (B, C) = ({B}, {C}), got {got}")
-            masks = masks.to(device=imgs.device, dtype=torch.bool)
-            if bool(masks.all(dim=1).any()):
-                bad = torch.nonzero(masks.all(dim=1))[0].item()
-                raise ValueError(f"every channel of image {bad} is masked by spec_masks; nothing to embed")
+        if not is_tracing():
+            check_chn_ids(chn_ids, B, C)
+        masks = check_masks(x_dict.get("spec_masks"), B, C, imgs.device)
+        imgs = prepare_images(imgs, self.proj.weight.dtype, masks)
         return imgs, chn_ids.to(imgs.device), masks
 
     def forward(self, x_dict) -> Tuple[torch.Tensor, int, int]:
@@ -161,7 +158,11 @@ class PanopticonPE(nn.Module):
         """Per-channel logit offsets beta (B,C,H) and value offsets z (B,C,H,d), computed once per distinct id."""
         ids = mu if sigma is None else torch.stack([mu, sigma], dim=-1)
         flat = ids.reshape(-1, 1) if sigma is None else ids.reshape(-1, 2)
-        uniq, inverse = torch.unique(flat.float(), dim=0, return_inverse=True)
+        if is_tracing():  # torch.unique has a data-dependent size: embed every (image, channel) id instead
+            uniq = flat.float()
+            inverse = torch.arange(flat.shape[0], device=flat.device)
+        else:
+            uniq, inverse = torch.unique(flat.float(), dim=0, return_inverse=True)
         emb = self.chnfus.chnemb(uniq[:, 0], None if sigma is None else uniq[:, 1]).float()  # (U, A)
         be = emb + bias  # conv bias + channel embedding
         xattn = self.chnfus.xattn
@@ -178,8 +179,9 @@ class PanopticonPE(nn.Module):
         """
         xattn = self.chnfus.xattn
         params = (self.conv3d.conv3d.weight, xattn.inproj_k.weight, xattn.inproj_v.weight, self.chnfus.query)
-        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        key = tuple((p.data_ptr(), p._version, p.device) for p in params)
+        # tracing (export/compile) sees fake tensors without data pointers: never cache there
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) and not is_tracing()
+        key = tuple((p.data_ptr(), p._version, p.device) for p in params) if cacheable else None
         cached = getattr(self, "_fold_cache", None)
         if cacheable and cached is not None and cached[0] == key:
             return cached[1]
@@ -215,7 +217,8 @@ class PanopticonPE(nn.Module):
 
             # Work through the image a band of patch rows at a time: the rearranged patches of one band stay
             # in cache for the two matmuls that read them (the full 202-band cube does not fit).
-            rows = self._rows_per_chunk(B, C, w)
+            # (one band when tracing: the chunk count would otherwise be baked in for the example's B and C)
+            rows = h if is_tracing() else self._rows_per_chunk(B, C, w)
             chunks = []
             for r0 in range(0, h, rows):
                 r = min(rows, h - r0)

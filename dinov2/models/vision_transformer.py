@@ -1,7 +1,9 @@
 """The DINOv2 vision transformer with a selectable patch embedding (RGB `PatchEmbed` or spectral `PanopticonPE`).
 
 Inputs are x_dicts (`imgs` (B,C,H,W), `chn_ids` (B,C) or (B,C,2), optional `spec_masks` (B,C)); a plain tensor
-is accepted for RGB models. A list of x_dicts (multi-crop: different sizes and channel counts) runs in one call.
+is accepted for RGB models. Images of any real dtype are cast to the model's dtype; bad values (NaN/inf/huge
+pixels in unmasked channels, empty batches) raise ValueError -- see `input_checks`.
+A list of x_dicts (multi-crop: different sizes and channel counts) runs in one call.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch.nn.init import trunc_normal_
 
 from ..layers import BlockChunk, Mlp, NestedTensorBlock, PatchEmbed, SwiGLUFFNFused
 from ..layers.attention import MemEffAttention
+from .input_checks import prepare_images
 from .panopticon import PanopticonPE
 
 logger = logging.getLogger("dinov2")
@@ -167,6 +170,8 @@ class DinoVisionTransformer(nn.Module):
 
     def _prepare(self, x, masks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int, int]:
         x_dict = _as_xdict(x)
+        if not isinstance(self.patch_embed, PanopticonPE):  # PanopticonPE checks its own inputs (with masks)
+            x_dict = dict(x_dict, imgs=prepare_images(x_dict.get("imgs"), self.patch_embed.proj.weight.dtype))
         tokens, gh, gw = self.patch_embed(x_dict)
         B = tokens.shape[0]
         if masks is not None:

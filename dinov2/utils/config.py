@@ -1,4 +1,5 @@
-"""Training-config assembly: defaults -> config file -> env yaml -> CLI dotlist -> fastdevrun, then resolve.
+"""Training-config assembly: defaults -> config file -> env yaml -> CLI dotlist -> fastdevrun, then resolve and
+check (unknown keys, types, impossible values: `config_schema`).
 
 Resolvers: OmegaConf's built-ins (`${oc.env:VAR}`, `${oc.env:VAR,default}`) plus `${env:VAR}` (error naming the
 variable if unset; `${env:VAR,default}` allowed), `${int:x}`, `${list:a,b}` and `${dict:k=v,...}`. `.env` in
@@ -16,12 +17,16 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from dinov2.utils.config_schema import (TRAIN_FREE_FORM, eval_override_problems, find_bad_values, find_unknown_keys,
+                                        raise_if_problems, unknown_override_keys)
+
 logger = logging.getLogger("dinov2")
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 REPO_ROOT = CONFIG_DIR.parents[1]
 DEFAULT_CONFIG = CONFIG_DIR / "defaults" / "pretrain_default.yaml"
 FASTDEVRUN_CONFIG = CONFIG_DIR / "defaults" / "fastdevrun.yaml"
+EVAL_DEFAULTS_DIR = CONFIG_DIR / "eval" / "defaults"
 
 
 def _env(name: str, default: Any = None) -> Any:
@@ -66,24 +71,23 @@ def load_env() -> None:
     os.environ.setdefault("CDIR", str(CONFIG_DIR))
 
 
-_FREE_FORM = ("pe_args", "dataset", "pretrain_augm", "overwrites", "pretrained_weights")
+_FREE_FORM = TRAIN_FREE_FORM  # subtrees whose keys are constructor kwargs (any key is legitimate)
 
 
-def _warn_unknown_overrides(base: DictConfig, overrides: Sequence[str]) -> None:
-    for ov in overrides:
-        key = ov.split("=", 1)[0].lstrip("+")
-        parent, _, leaf = key.rpartition(".")
-        if any(part in _FREE_FORM for part in parent.split(".")):
-            continue  # constructor kwargs: any key is legitimate
-        node = OmegaConf.select(base, parent) if parent else base
-        if not isinstance(node, DictConfig) or leaf not in node:
-            logger.warning("override %r sets a key that the defaults and config file do not define", key)
+def _plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=False)
 
 
 def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = (), env_file: Optional[str] = None,
                 fastdevrun: bool = False, defaults: Optional[str] = str(DEFAULT_CONFIG),
                 resolve: bool = True) -> DictConfig:
-    """Assemble and resolve a training config; top-level keys starting with `_` are dropped after resolving."""
+    """Assemble, check and resolve a training config; top-level keys starting with `_` are dropped after
+    resolving.
+
+    With `defaults`, every key of the config file, env file and overrides must be declared there (or sit in a
+    free-form subtree, see `config_schema`), and after resolving every value must have the declared type and a
+    possible value; otherwise a `ConfigError` (ValueError) lists each offending key, before anything runs.
+    """
     load_env()
     register_resolvers()
     parts = []
@@ -91,20 +95,37 @@ def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()
         if path:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{what} {path!r} does not exist")
-            parts.append(OmegaConf.load(path))
-    base = OmegaConf.merge(*parts) if parts else OmegaConf.create()
+            parts.append((f"{what} {path}", OmegaConf.load(path)))
     overrides = [o for o in overrides if o]
     for o in overrides:
         if "=" not in o:
             raise ValueError(f"override {o!r} must look like key=value")
-    _warn_unknown_overrides(base, overrides)
+    base = OmegaConf.merge(*[p for _, p in parts]) if parts else OmegaConf.create()
+    schema = _plain(parts[0][1]) if defaults else None
+    if schema is not None:
+        problems = []
+        for where, part in parts[1:]:
+            problems += find_unknown_keys(_plain(part), schema, where)
+        problems += unknown_override_keys(overrides, _plain(base), schema)
+        raise_if_problems(problems, "training config")
     cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
     if fastdevrun:
         cfg = OmegaConf.merge(cfg, OmegaConf.load(FASTDEVRUN_CONFIG))
+    if schema is not None:  # evaluation overrides fail now rather than at the first evaluation, hours later
+        problems = []
+        for key in ("eval.overwrites", "eval.final_model.overwrites"):
+            node = OmegaConf.select(cfg, key, default=None)
+            if isinstance(node, DictConfig):
+                problems += eval_override_problems(_plain(node), EVAL_DEFAULTS_DIR, key)
+        raise_if_problems(problems, "training config")
     if resolve:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         for k in [k for k in cfg.keys() if str(k).startswith("_")]:
             del cfg[k]
+        if schema is not None:
+            plain = _plain(cfg)
+            raise_if_problems(find_bad_values(plain, schema), "training config")
+            cfg = OmegaConf.create(plain)  # with environment strings for numbers/bools converted
     return cfg
 
 
