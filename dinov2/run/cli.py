@@ -20,9 +20,11 @@ import dinov2
 # name -> (module exposing `main(argv) -> int`, one-line description)
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("dinov2.run.train", "pretrain a model in this process, or submit it to SLURM (--cluster slurm)"),
-    "eval": ("dinov2.run.eval", "evaluate models on task configs (kNN, linear probes, cross-band retrieval)"),
+    "eval": ("dinov2.run.eval", "evaluate models on task configs (kNN, linear probes, retrieval, segmentation, "
+             "regression)"),
     "demo": ("dinov2.run.demo", "pretrain and evaluate a small model on two real scenes (about 10 min on CPU)"),
     "convert": ("dinov2.run.convert", "convert checkpoints to and from torchgeo's Panopticon (timm) layout"),
+    "export": ("dinov2.run.export", "export a model to ONNX and/or a torch.export program (dynamic batch, bands)"),
 }
 
 EPILOG = """examples:
