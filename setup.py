@@ -8,7 +8,7 @@ HERE = Path(__file__).parent
 CORE = ["torch>=2.1", "torchvision>=0.16", "numpy>=1.24", "omegaconf>=2.3", "pyyaml>=6.0"]
 DATA = ["pandas>=2.0", "pyarrow>=14", "h5py>=3.9", "tifffile>=2023.7.10", "rasterio>=1.3", "pillow>=10.0"]
 TRAIN = DATA + ["python-dotenv>=1.0", "fire>=0.5", "submitit>=1.5", "tqdm>=4.66", "matplotlib>=3.7"]
-EVAL = DATA + ["python-dotenv>=1.0", "fire>=0.5", "tqdm>=4.66", "matplotlib>=3.7"]
+EVAL = DATA + ["python-dotenv>=1.0", "fire>=0.5", "tqdm>=4.66", "matplotlib>=3.7", "torchmetrics>=1.0"]
 
 setup(
     name="panopticon",
