@@ -268,7 +268,8 @@ def test_wandb_summary_entries_without_wandb():
     from dinov2.eval.wandb_upload import summary_entries, upload_results
 
     res = {"5min/resisc45_knn": {"acc_top-1_micro": 80.0}, "5min/m-eurosat-rgb_knn": {"acc_top-1_micro": 60.0},
-           "5min/m-eurosat_knn": {"acc_top-1_micro": 90.0, "acc_top-1_macro": 70.0}}
+           "5min/m-eurosat_knn": {"acc_top-1_micro": 90.0, "acc_top-1_macro": 70.0,
+                                  "acc_top-1_macro_present_classes": 100.0}}  # corrected key: not in _avg
     out = summary_entries(res)
     assert out["_rgb"] == 70.0 and out["_avg"] == 75.0 and out["5min/m-eurosat_knn/acc_top-1_macro"] == 70.0
     assert "_sar" not in out  # no key of that group present

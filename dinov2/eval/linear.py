@@ -16,12 +16,14 @@ seeded permutations of the train set (batches run across epoch boundaries); loss
 SGD (momentum 0.9, wd 0) with lr = base_lr * batch_size / 256 and a per-iteration cosine schedule to 0;
 ``max_iter = ceil(N * epochs / batch_size)``. Validation runs every ``eval_period_iter`` iterations and at the
 end; the head best on the FIRST validation metric at the end is reported on every test set, with the
-validation metric list.
+validation metric list (as published, whose ``test_metrics_list`` setting was ignored; it is not read here).
 
 Intentional differences from the published code: the validation/test features are extracted once (the
-published code re-runs the backbone at every validation; same numbers, less work); test sets are evaluated
-with the validation metrics, as published (its ``test_metrics_list`` was ignored and is not read here);
-classifier checkpoints are one ``model_final.pth`` (no periodic fvcore checkpoints / resume).
+published code re-runs the backbone at every validation; same numbers, less work); classifier checkpoints are
+one ``model_final.pth`` (no periodic fvcore checkpoints / resume: a probe runs in minutes and fvcore is not a
+dependency); CPU or CUDA with autocast only where configured (``autocast_dtype``;
+the published code required CUDA fp16). Result keys with corrected metric values are added next to the
+published ones (see ``dinov2.eval.metrics``).
 """
 from __future__ import annotations
 

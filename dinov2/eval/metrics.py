@@ -43,6 +43,12 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 _AVERAGES = ("micro", "macro")
+CORRECTED_SUFFIXES = ("_topk_applied", "_present_classes")  # keys of corrected values (not published keys)
+
+
+def is_corrected_key(key: str) -> bool:
+    """True for a result key holding a corrected value that the published engine did not report."""
+    return key.endswith(CORRECTED_SUFFIXES)
 
 
 def _check_average(average: str) -> None:
