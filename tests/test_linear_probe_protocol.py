@@ -137,3 +137,16 @@ def test_heads_train_and_best_is_picked_on_val(multilabel, tmp_path, monkeypatch
     assert out["test"]["test0"][first] == res[first] and res[first] >= (60.0 if multilabel else 50.0)
     saved = torch.load(tmp_path / "out" / "model_final.pth", weights_only=False)
     assert saved["best_classifier"] == best and len(saved["heads"]) == 2 * 12
+
+
+def test_batch_stream_runs_epochs_back_to_back():
+    """Endless sampler: full batches that run across epoch boundaries; every epoch is a new permutation."""
+    from dinov2.eval.linear import batch_index_stream
+
+    stream = batch_index_stream(10, 4, seed=3)
+    batches = [next(stream) for _ in range(15)]
+    assert all(len(b) == 4 for b in batches)
+    flat = [i for b in batches for i in b]  # 60 indices = 6 epochs of 10
+    epochs = [flat[e * 10:(e + 1) * 10] for e in range(6)]
+    assert all(sorted(e) == list(range(10)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 6  # reshuffled every epoch
