@@ -1,12 +1,13 @@
 """Metrics, kNN, linear probes and retrieval on synthetic feature tensors (no backbone)."""
+import numpy as np
 import pytest
 import torch
 
 from dinov2.eval.features import backbone_to_features
 from dinov2.eval.knn import best_per_metric, few_shot_indices, run_knn
 from dinov2.eval.linear import head_name, train_linear_probes
-from dinov2.eval.metrics import (build_metric, build_metrics, multiclass_accuracy, multilabel_accuracy,
-                                 multilabel_average_precision, multilabel_f1)
+from dinov2.eval.metrics import (build_metric, build_metrics, compute_metrics, multiclass_accuracy,
+                                 multilabel_accuracy, multilabel_average_precision, multilabel_f1)
 from dinov2.eval.retrieval import check_disjoint, resolve_band_subset, retrieval_metrics
 
 ACC = [{"id": "MulticlassAccuracy", "top_k": 1, "average": "micro"},
@@ -158,3 +159,108 @@ def test_label_shape_errors():
     with pytest.raises(ValueError, match=r"multilabel linear probing needs labels of shape \(N, 5\)"):
         train_linear_probes(({(1, "cls"): x}, y), ({(1, "cls"): x}, y), {}, 5, build_metrics(ACC), [0.1],
                             multilabel=True)
+
+
+# ------------------------------------------------------------------- metrics against independent numpy oracles
+def np_topk_hit(preds, target, k):
+    return (np.argsort(-preds, axis=1)[:, :k] == target[:, None]).any(axis=1)
+
+
+def np_multiclass_acc(preds, target, k, average, present_only=False):
+    hit = np_topk_hit(preds, target, min(k, preds.shape[1]))
+    if average == "micro":
+        return hit.mean()
+    classes = [c for c in range(preds.shape[1]) if not present_only or (target == c).any()]
+    return np.mean([hit[target == c].mean() if (target == c).any() else 0.0 for c in classes])
+
+
+def np_decisions(preds, top_k=None):
+    if top_k:
+        out = np.zeros_like(preds, dtype=int)
+        np.put_along_axis(out, np.argsort(-preds, axis=1)[:, :top_k], 1, axis=1)
+        return out
+    probs = 1 / (1 + np.exp(-preds)) if preds.min() < 0 or preds.max() > 1 else preds
+    return (probs > 0.5).astype(int)
+
+
+def np_average_precision(scores, t):
+    """Mean of the precision at the rank of each positive (valid without tied scores)."""
+    t = t[np.argsort(-scores)]
+    precision = np.cumsum(t) / np.arange(1, len(t) + 1)
+    return (precision * t).sum() / t.sum()
+
+
+def np_f1(pred, target, average):
+    tp, fp, fn = (pred * target).sum(0), (pred * (1 - target)).sum(0), ((1 - pred) * target).sum(0)
+    if average == "micro":
+        return 2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum())
+    denom = 2 * tp + fp + fn
+    return np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_multiclass_metrics_match_oracle_with_absent_classes(seed):
+    rng = np.random.default_rng(seed)
+    preds = rng.normal(size=(50, 7)).astype(np.float32)
+    target = rng.integers(0, 5, size=50)  # classes 5 and 6 never occur in the targets
+    preds[:, 6] -= 10.0  # ... and class 6 is never predicted either
+    cfg = [{"id": "MulticlassAccuracy", "top_k": k, "average": a} for k in (1, 3, 9) for a in ("micro", "macro")]
+    got = compute_metrics(build_metrics(cfg), torch.from_numpy(preds), torch.from_numpy(target))
+    for k in (1, 3, 9):
+        assert got[f"acc_top-{k}_micro"] == pytest.approx(np_multiclass_acc(preds, target, k, "micro"), abs=1e-6)
+        assert got[f"acc_top-{k}_macro"] == pytest.approx(np_multiclass_acc(preds, target, k, "macro"), abs=1e-6)
+        assert got[f"acc_top-{k}_macro_present_classes"] == pytest.approx(
+            np_multiclass_acc(preds, target, k, "macro", present_only=True), abs=1e-6)
+    assert got["acc_top-9_micro"] == 1.0  # top_k beyond the class count is clipped
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("scores", ["logits", "probabilities"])
+def test_multilabel_metrics_match_oracle_with_absent_labels(seed, scores):
+    rng = np.random.default_rng(seed)
+    target = (rng.random((60, 6)) < 0.3).astype(int)
+    target[:, 2] = 0  # a label without any positive
+    preds = rng.normal(size=(60, 6)).astype(np.float32)
+    if scores == "probabilities":
+        preds = 1 / (1 + np.exp(-preds))
+    cfg = ([{"id": "MultilabelAccuracy", "top_k": k, "average": a} for k in (1, 2) for a in ("micro", "macro")]
+           + [{"id": i, "average": a} for i in ("MultiLabelAveragePrecision", "MultiLabelF1Score")
+              for a in ("micro", "macro")])
+    got = compute_metrics(build_metrics(cfg), torch.from_numpy(preds), torch.from_numpy(target).float())
+    thr, top2 = np_decisions(preds), np_decisions(preds, top_k=2)
+    for avg, axis in (("micro", None), ("macro", 0)):
+        acc = np.mean(np.mean(thr == target, axis=axis))
+        assert got[f"MulLabAcc_top-1_{avg}"] == pytest.approx(acc, abs=1e-6)
+        assert got[f"MulLabAcc_top-2_{avg}"] == pytest.approx(acc, abs=1e-6)  # published: top_k ignored
+        assert got[f"MulLabAcc_top-2_{avg}_topk_applied"] == pytest.approx(np.mean(np.mean(top2 == target, axis=axis)),
+                                                                            abs=1e-6)
+        assert got[f"MulLabF1ScoreMacro_{avg}"] == pytest.approx(np_f1(thr, target, avg), abs=1e-6)
+    per_label = [np_average_precision(preds[:, c], target[:, c]) for c in range(6) if target[:, c].any()]
+    assert len(per_label) == 5
+    assert got["MulLabAvergPrec_macro"] == pytest.approx(np.mean(per_label), abs=1e-6)
+    assert got["MulLabAvergPrec_micro"] == pytest.approx(np_average_precision(preds.ravel(), target.ravel()),
+                                                         abs=1e-6)
+    assert "MulLabAcc_top-1_micro_topk_applied" not in got
+
+
+def test_published_quirks_by_hand():
+    # multilabel accuracy: threshold 0.5 -> [[1,1,1],[0,0,0]]: 2 of 6 right, for top_k 1 and 2 alike (published);
+    # the 2 best labels -> [[1,1,0],[1,1,0]]: 3 of 6 right
+    preds = torch.tensor([[0.9, 0.8, 0.7], [0.2, 0.3, 0.1]])
+    target = torch.tensor([[1, 0, 0], [0, 1, 1]])
+    m = build_metric({"id": "MultilabelAccuracy", "top_k": 2, "average": "micro"})
+    assert m.compute(preds, target) == pytest.approx({"MulLabAcc_top-2_micro": 2 / 6,
+                                                      "MulLabAcc_top-2_micro_topk_applied": 3 / 6})
+    # macro accuracy with class 3 absent from targets and predictions: recalls 1, 0, 1/2 (and 0 for class 3)
+    preds = torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.2, 0.5, 0.3, 0.0], [0.1, 0.3, 0.6, 0.0], [0.5, 0.4, 0.1, 0.0]])
+    m = build_metric({"id": "MulticlassAccuracy", "average": "macro"})
+    assert m.compute(preds, torch.tensor([0, 2, 2, 1])) == pytest.approx(
+        {"acc_top-1_macro": 1.5 / 4, "acc_top-1_macro_present_classes": 1.5 / 3})
+    # tied scores form one threshold: precision 1/2 at recall 1/2, 2/3 at recall 1 -> AP = 0.25 + 1/3
+    ap = multilabel_average_precision(torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.1, 0.1]]),
+                                      torch.tensor([[1, 1], [0, 0], [1, 1]]))
+    assert ap == pytest.approx(0.25 + 1 / 3)
+    with pytest.raises(ValueError, match="no label has a positive"):
+        multilabel_average_precision(torch.rand(4, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="empty"):
+        multiclass_accuracy(torch.zeros(0, 3), torch.zeros(0))

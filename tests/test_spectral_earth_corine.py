@@ -212,6 +212,7 @@ def test_corine_labels_are_learnable(corine, tmp_path, monkeypatch):
     res = main(str(make_run(tmp_path / "run")), str(ROOT / "dinov2/configs/eval/15min/sim/corine-12c.yaml"),
                device="cpu", **{"_default_augms.train_augm": small, "_default_augms.test_augm": small,
                                 "optim.epochs": 100, "optim.dl": DL, "heads.n_last_blocks_list": [1],
+                                "optim.feature_cache": True,  # fixed train transform: same heads, one data pass
                                 "heads.learning_rates": [0.1, 1.0, 5.0],
                                 "task.val_metrics": [{"id": "MultiLabelAveragePrecision", "average": "micro"}]})
     assert res["15min/sim/corine-12c"]["MulLabAvergPrec_micro"] >= 90.0

@@ -83,6 +83,9 @@ def _collate(samples: List) -> Tuple[List[Tuple[List[int], Dict[str, torch.Tenso
     return batches, torch.stack(label_list)
 
 
+collate_eval = _collate  # public name: the linear probe's on-the-fly loader batches the same way
+
+
 def select_channels(x: Dict[str, torch.Tensor], idx: Sequence[int]) -> Dict[str, torch.Tensor]:
     """New batch dict holding only channels ``idx`` (imgs, chn_ids and spec_masks); the input is untouched."""
     idx_t = torch.as_tensor(list(idx), dtype=torch.long)
@@ -94,6 +97,42 @@ def select_channels(x: Dict[str, torch.Tensor], idx: Sequence[int]) -> Dict[str,
     out["chn_ids"] = x["chn_ids"][:, idx_t]
     if "spec_masks" in x:
         out["spec_masks"] = x["spec_masks"][:, idx_t]
+    return out
+
+
+def batch_features(backbone, groups: Sequence[Tuple[List[int], Dict[str, torch.Tensor]]], batch_size: int,
+                   feat_specs: Sequence[Tuple[int, str]], device: torch.device, amp: Optional[torch.dtype] = None,
+                   x_transform: Optional[Callable[[Dict], Dict]] = None,
+                   desc: str = "features") -> Dict[Tuple[int, str], torch.Tensor]:
+    """Features of one collated batch (``groups`` as made by the eval collate) on ``device``, rows in batch
+    order: ``{(n_blocks, pooling): (batch_size, F) float32}``. One backbone forward per group serves every
+    (n_blocks, pooling) spec. The caller chooses the grad mode (no_grad / inference_mode)."""
+    n_max = max(n for n, _ in feat_specs)
+    parts: Dict[Tuple[int, str], List[Tuple[List[int], torch.Tensor]]] = {tuple(s): [] for s in feat_specs}
+    for idx, x in groups:
+        if x_transform is not None:
+            x = x_transform(x)
+        x = {k: v.to(device, non_blocking=True) for k, v in x.items()}
+        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            blocks = backbone.last_blocks(x, n_max)
+            for n, pool in feat_specs:
+                f = backbone_to_features(blocks, n, pool, backbone.norm)
+                if not torch.isfinite(f).all():
+                    raise FloatingPointError(f"Non-finite features ({desc}, {n} blocks, {pool}); check the "
+                                             "input normalisation or disable autocast")
+                parts[(n, pool)].append((idx, f.float()))
+    out: Dict[Tuple[int, str], torch.Tensor] = {}
+    for key, pieces in parts.items():
+        dims = {p.shape[1] for _, p in pieces}
+        if len(dims) > 1:
+            raise ValueError(f"Feature sizes differ within a batch ({sorted(dims)})")
+        if len(pieces) == 1 and pieces[0][0] == list(range(batch_size)):
+            out[key] = pieces[0][1]
+            continue
+        full = torch.empty(batch_size, dims.pop(), device=device)
+        for idx, piece in pieces:
+            full[torch.as_tensor(idx, device=device)] = piece
+        out[key] = full
     return out
 
 
@@ -115,33 +154,13 @@ def extract_features(backbone, dataset, feat_specs: Sequence[Tuple[int, str]], b
     dev = resolve_device(device)
     amp = resolve_autocast(autocast_dtype, dev)
     backbone.to(dev)
-    n_max = max(n for n, _ in feat_specs)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
                                          num_workers=num_workers, collate_fn=_collate,
                                          pin_memory=dev.type == "cuda")
     feats: Dict[Tuple[int, str], List[torch.Tensor]] = {tuple(s): [] for s in feat_specs}
     labels: List[torch.Tensor] = []
     for groups, y in tqdm(loader, desc=desc, disable=not progress or os.environ.get("PANOPTICON_NO_TQDM") == "1"):
-        batch_feats: Dict[Tuple[int, str], List[Tuple[List[int], torch.Tensor]]] = {k: [] for k in feats}
-        for idx, x in groups:
-            if x_transform is not None:
-                x = x_transform(x)
-            x = {k: v.to(dev, non_blocking=True) for k, v in x.items()}
-            with torch.autocast(device_type=dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                blocks = backbone.last_blocks(x, n_max)
-                for n, pool in feat_specs:
-                    f = backbone_to_features(blocks, n, pool, backbone.norm)
-                    if not torch.isfinite(f).all():
-                        raise FloatingPointError(f"Non-finite features ({desc}, {n} blocks, {pool}); check the "
-                                                 "input normalisation or disable autocast")
-                    batch_feats[(n, pool)].append((idx, f.float().cpu()))
-        for key, parts in batch_feats.items():
-            dims = {p.shape[1] for _, p in parts}
-            if len(dims) > 1:
-                raise ValueError(f"Feature sizes differ within a batch ({sorted(dims)})")
-            out = torch.empty(len(y), dims.pop())
-            for idx, part in parts:
-                out[idx] = part
-            feats[key].append(out)
+        for key, f in batch_features(backbone, groups, len(y), feat_specs, dev, amp, x_transform, desc).items():
+            feats[key].append(f.cpu())
         labels.append(y)
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)

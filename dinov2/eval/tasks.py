@@ -16,7 +16,7 @@ import torch
 from dinov2.eval import results as res
 from dinov2.eval.features import extract_features, resolve_device, select_channels
 from dinov2.eval.knn import best_per_metric, run_knn
-from dinov2.eval.linear import train_linear_probes
+from dinov2.eval.linear import train_linear_probes, train_linear_probes_online
 from dinov2.eval.metrics import build_metrics
 from dinov2.eval.retrieval import check_disjoint, resolve_band_subset, retrieval_metrics
 
@@ -186,30 +186,39 @@ def run_linear_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dic
     if not tests_cfg:
         raise ValueError(f"Linear task {task_dir} has no test_datasets_list (results would be empty)")
     ncls = num_classes_of(train_ds, cfg)
-    train = _extract(backbone, train_ds, specs, cfg, device, "linear train")
+    optim = cfg.get("optim", {})
+    feature_cache = bool(optim.get("feature_cache", False))
+    # val/test transforms are deterministic: their features are extracted once in both modes
     val = _extract(backbone, val_ds, specs, cfg, device, "linear val")
     tests = {}
     for i, tcfg in enumerate(tests_cfg):
         name = tcfg.get("display_name") or f"test{i}"
         tests[name] = _extract(backbone, build_dataset(tcfg, seed), specs, cfg, device, f"linear {name}")
-    optim = cfg.get("optim", {})
-    bs = _dl(cfg)["batch_size"]
+    dl = _dl(cfg)
+    bs = dl["batch_size"]
     iter_per_epoch = float(optim.get("iter_per_epoch", -1) or -1)
     if iter_per_epoch <= 0:
-        iter_per_epoch = len(train[1]) / bs
+        iter_per_epoch = len(train_ds) / bs
     period = optim.get("eval_period_iter") or int(max(1, float(optim.get("eval_period_epoch", 1)) * iter_per_epoch))
-    out = train_linear_probes(train, val, tests, ncls, build_metrics(_plain(cfg.task.val_metrics)),
-                              [float(lr) for lr in cfg.heads.learning_rates], epochs=float(optim.get("epochs", 2)),
-                              batch_size=bs, multilabel=multilabel,
-                              criterion=(cfg.task.get("criterion_cfg") or {}).get("id"),
-                              eval_period_iter=int(period), seed=seed, device=str(resolve_device(device)))
+    common = dict(num_classes=ncls, metrics=build_metrics(_plain(cfg.task.val_metrics)),
+                  learning_rates=[float(lr) for lr in cfg.heads.learning_rates], epochs=float(optim.get("epochs", 2)),
+                  batch_size=bs, multilabel=multilabel, criterion=(cfg.task.get("criterion_cfg") or {}).get("id"),
+                  eval_period_iter=int(period), seed=seed)
+    if feature_cache:
+        train = _extract(backbone, train_ds, specs, cfg, device, "linear train")
+        out = train_linear_probes(train, val, tests, device=str(resolve_device(device)), **common)
+    else:
+        out = train_linear_probes_online(backbone, train_ds, val, tests, feat_specs=specs,
+                                         num_workers=dl["num_workers"], device=device,
+                                         autocast_dtype=cfg.get("autocast_dtype", "auto"), **common)
+    protocol = "feature_cache (not the published protocol)" if feature_cache else "on-the-fly augmentation"
     best = out["best_classifier"]
     rows = []
     for name, vals in out["test"].items():
         for m, v in vals.items():
             rows.append((m if len(tests) == 1 else f"{name}/{m}", _pct(v), best))
     res.write_json(task_dir / "results_eval_linear.json", {
-        "best_classifier": best, "max_iter": out["max_iter"],
+        "best_classifier": best, "max_iter": out["max_iter"], "protocol": protocol,
         "val": {m: _pct(v) for m, v in out["val"].items()},
         "test": {n: {m: _pct(v) for m, v in vals.items()} for n, vals in out["test"].items()},
         "all_val": {h: {m: _pct(v) for m, v in vals.items()} for h, vals in out["all_val"].items()}})

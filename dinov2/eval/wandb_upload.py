@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Dict, Optional
 
+from dinov2.eval.metrics import is_corrected_key
 from dinov2.eval.tasks import PKG_EVAL_CFG, eval_config_root
 
 logger = logging.getLogger("dinov2")
@@ -22,8 +23,9 @@ def summary_entries(results: Dict[str, Dict[str, float]], only_avg: bool = False
 
     flat = {f"{task}/{m}": float(v) for task, vals in results.items() for m, v in vals.items()}
     out: Dict[str, float] = {} if only_avg else dict(flat)
-    if flat:
-        out["_avg"] = round(sum(flat.values()) / len(flat), 2)
+    published = [v for k, v in flat.items() if not is_corrected_key(k)]  # keeps _avg comparable to published runs
+    if published:
+        out["_avg"] = round(sum(published) / len(published), 2)
     path = eval_config_root() / "defaults" / "wandb_averages.yaml"
     if not path.is_file():
         path = PKG_EVAL_CFG / "defaults" / "wandb_averages.yaml"
