@@ -1,7 +1,7 @@
 """Per-band normalisation shared by the dataset readers (constants come from the dataset YAMLs)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -59,6 +59,23 @@ def robust_band_stats(values: np.ndarray, low_pct: float = 1.0, high_pct: float 
     core = v[(v >= lo) & (v <= hi)]
     mean, std = float(core.mean()), float(core.std())
     return mean, (std if std > 0 else 1.0)
+
+
+def pooled_band_stats(images: Iterable[np.ndarray], what: str) -> Tuple[List[float], List[float]]:
+    """Per-band mean / std over the valid pixels (finite in every band) of several ``(C, H, W)`` arrays, pooled
+    as if they were one image (float64 sums, so millions of pixels lose no precision)."""
+    total = sq = None
+    n = 0
+    for arr in images:
+        px = np.asarray(arr).reshape(arr.shape[0], -1).astype(np.float64)
+        px = px[:, np.isfinite(px).all(0)]
+        total = px.sum(1) if total is None else total + px.sum(1)
+        sq = (px ** 2).sum(1) if sq is None else sq + (px ** 2).sum(1)
+        n += px.shape[1]
+    if not n:
+        raise ValueError(f"{what}: no valid pixels to compute band statistics from")
+    mean = total / n
+    return mean.tolist(), np.sqrt(np.maximum(sq / n - mean ** 2, 1e-12)).tolist()
 
 
 def to_float_tensor(arr: np.ndarray, dtype: Optional[torch.dtype] = torch.float32) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from dinov2.data.datasets.eval_base import EvalDataset
 from dinov2.data.io import UnreadableFileError, expand_path
-from dinov2.data.normalize import BandNormalizer
+from dinov2.data.normalize import BandNormalizer, pooled_band_stats
 from dinov2.data.spatial_split import DEFAULT_FRACTIONS, SPLIT_ALIASES, block_split, select_split
 
 TASKS = ("classification", "multilabel", "regression", "segmentation")
@@ -105,7 +105,8 @@ class ChipsDataset(EvalDataset):
             if mean is None:
                 if not train_rows:
                     raise ValueError(f"{self.csv}: no train chips to compute band statistics from; give mean/std")
-                mean, std = self._stats([self.files[i] for i in train_rows])
+                mean, std = pooled_band_stats((_read(self.files[i])[0] for i in train_rows),
+                                              f"{self.csv} (train chips)")
             self.normalizer = BandNormalizer(list(mean), list(std), str(self.csv))
 
     def _path(self, f: Any) -> str:
@@ -164,21 +165,6 @@ class ChipsDataset(EvalDataset):
             v[[index[t] for t in raw[i]]] = 1.0
             out.append(v)
         return out
-
-    def _stats(self, files: List[str]):
-        total = sq = None
-        n = 0
-        for f in files:
-            arr, *_ = _read(f)
-            px = arr.reshape(arr.shape[0], -1).astype(np.float64)
-            px = px[:, np.isfinite(px).all(0)]
-            total = px.sum(1) if total is None else total + px.sum(1)
-            sq = (px ** 2).sum(1) if sq is None else sq + (px ** 2).sum(1)
-            n += px.shape[1]
-        if not n:
-            raise ValueError(f"{self.csv}: the train chips have no valid pixels")
-        mean = total / n
-        return mean.tolist(), np.sqrt(np.maximum(sq / n - mean ** 2, 1e-12)).tolist()
 
     def __len__(self) -> int:
         return len(self.rows)

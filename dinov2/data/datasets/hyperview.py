@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from dinov2.data import sensors
 from dinov2.data.datasets.eval_base import EvalDataset
 from dinov2.data.io import resolve_root
-from dinov2.data.normalize import BandNormalizer
+from dinov2.data.normalize import BandNormalizer, pooled_band_stats
 from dinov2.data.spatial_split import DEFAULT_FRACTIONS, random_split, select_split
 
 TARGETS = ("P", "K", "Mg", "pH")
@@ -104,22 +104,12 @@ class Hyperview(EvalDataset):
         if cache.is_file():
             stats = json.loads(cache.read_text())
             return stats["mean"], stats["std"]
-        total = sq = None
-        count = 0
-        for sid in self.train_ids:
-            px = read_masked_npz(self._file(sid)).reshape(self.chn_ids.shape[0], -1).astype(np.float64)
-            px = px[:, np.isfinite(px).all(0)]
-            total = px.sum(1) if total is None else total + px.sum(1)
-            sq = (px ** 2).sum(1) if sq is None else sq + (px ** 2).sum(1)
-            count += px.shape[1]
-        if not count:
-            raise ValueError(f"{self.root}: the train split has no valid pixels")
-        mean = total / count
-        std = np.sqrt(np.maximum(sq / count - mean ** 2, 1e-12))
+        mean, std = pooled_band_stats((read_masked_npz(self._file(sid)) for sid in self.train_ids),
+                                      f"{self.root} (train split)")
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist()}))
+        tmp.write_text(json.dumps({"mean": mean, "std": std}))
         os.replace(tmp, cache)  # atomic: ranks computing the same statistics never see a partial file
-        return mean.tolist(), std.tolist()
+        return mean, std
 
     def __len__(self) -> int:
         return len(self.ids)
