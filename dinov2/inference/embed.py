@@ -261,7 +261,8 @@ class SceneEmbedder:
         with np.errstate(invalid="ignore", divide="ignore"):
             rows = np.where(den[:k, :grid.cols, None] > 0, num[:k, :grid.cols] / den[:k, :grid.cols, None], np.nan)
         write_rows(partial, a, np.ascontiguousarray(rows.transpose(2, 0, 1)))
-        write_table(os.path.join(self.work, f"chips_{strip:06d}.parquet"), self._chip_rows(strip, results))
+        if results:  # a strip of no-data chips has no rows (and no shard)
+            write_table(os.path.join(self.work, f"chips_{strip:06d}.parquet"), self._chip_rows(strip, results))
         # rows [b, start + n) carry into the next strip; shift them to the top
         keep = grid.row_starts[strip] + n - b if strip + 1 < len(grid.row_starts) else 0
         num[:keep], den[:keep] = num[k:k + keep].copy(), den[k:k + keep].copy()
@@ -279,6 +280,10 @@ class SceneEmbedder:
 
     def _finish(self, partial: str, n_strips: int) -> None:
         shards = [os.path.join(self.work, f"chips_{k:06d}.parquet") for k in range(n_strips)]
+        shards = [p for p in shards if os.path.isfile(p)]
+        if not shards:
+            raise ValueError(f"scene {self.scene.name}: no chip has a valid patch (no-data {self.reader.nodata}, "
+                             f"--min-valid {self.s.min_valid}); nothing to embed")
         combine_shards(shards, self.table)
         finalize_cog(partial, self.final_tif, self.s.compress)
         atomic_json(self.done_marker, {"signature": self.signature, "finished": time.time(),
