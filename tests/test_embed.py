@@ -57,6 +57,15 @@ def smooth_scene(h, w, c=4, seed=0):
     return np.clip(np.stack(bands), 1, 60000).astype("uint16")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models are fastest on one thread (and the shared test machine is oversubscribed)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return write_run(tmp_path_factory.mktemp("run") / "run")
