@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -160,18 +161,21 @@ def build_backbone(spec: ModelSpec) -> nn.Module:
 
 
 def _hubconf():
-    """The repository's ``hubconf`` module (importable when the repo root is on the path, else by file)."""
-    try:
-        return importlib.import_module("hubconf")
-    except ModuleNotFoundError:
-        path = Path(__file__).resolve().parents[1] / "hubconf.py"
-        if not path.is_file():
-            raise ModuleNotFoundError(f"hubconf.py not found next to the dinov2 package ({path}); load hub "
-                                      "models from a checkout of the repository") from None
-        spec = importlib.util.spec_from_file_location("hubconf", path)
+    """This repository's ``hubconf`` module: the file next to the package (a checkout), else ``import hubconf``."""
+    path = Path(__file__).resolve().parents[1] / "hubconf.py"
+    if path.is_file():
+        module = sys.modules.get("hubconf")
+        if module is not None and Path(getattr(module, "__file__", "") or "").resolve() == path:
+            return module
+        spec = importlib.util.spec_from_file_location("dinov2_hubconf", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
+    try:
+        return importlib.import_module("hubconf")
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"hubconf.py not found next to the dinov2 package ({path}); load hub models "
+                                  "from a checkout of the repository") from None
 
 
 def hub_names() -> List[str]:

@@ -250,3 +250,30 @@ def test_rerun_skips_and_bad_inputs(tmp_path, run_dir):
                    str(tmp_path / "o3")])
     with pytest.raises(ValueError, match="cannot tell which bands"):
         run_embed([tif, "--model", run_dir, "-o", str(tmp_path / "o4")])
+
+
+def test_search_by_chip_and_point(tmp_path, run_dir, capsys):
+    from dinov2.inference.search import search_chips
+    from dinov2.run.search import main as search_main
+
+    tif = write_tif(tmp_path / "q.tif", smooth_scene(112, 168, seed=8))
+    out = tmp_path / "out"
+    run_embed([tif, "--sensor", "sentinel2", "--bands", ",".join(S2_BANDS), "--model", run_dir, "--chip-size", "56",
+               "--overlap", "0", "-o", str(out)])
+    chips = gpd.read_parquet(out / "chips.parquet").set_index("chip_id")
+    res = search_chips(str(out / "chips.parquet"), k=4, chip_id="q:r1c2", embedding="cls")
+    assert len(res) == 4 and res.chip_id[0] == "q:r1c2" and res.similarity[0] == pytest.approx(1.0)
+    q = torch.tensor(np.asarray(chips.loc["q:r1c2", "cls_embedding"]))
+    sims = {cid: float(torch.nn.functional.cosine_similarity(q, torch.tensor(np.asarray(v)), dim=0))
+            for cid, v in chips["cls_embedding"].items()}
+    expected = sorted(sims, key=lambda c: -sims[c])[:4]
+    assert list(res.chip_id) == expected
+    np.testing.assert_allclose(res.similarity, [sims[c] for c in expected], rtol=1e-5)
+    lon, lat = chips.loc["q:r0c1", "lon"], chips.loc["q:r0c1", "lat"]
+    assert search_chips(str(out / "chips.parquet"), k=1, lonlat=(lon, lat)).chip_id[0] == "q:r0c1"
+    assert search_main([str(out / "chips.parquet"), "--lonlat", str(lon), str(lat), "-k", "2"]) == 0
+    assert "q:r0c1" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no chip .* contains lon=0.0"):
+        search_chips(str(out / "chips.parquet"), lonlat=(0.0, 0.0))
+    with pytest.raises(ValueError, match="chip id 'nope' is not in"):
+        search_chips(str(out / "chips.parquet"), chip_id="nope")

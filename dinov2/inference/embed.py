@@ -341,10 +341,11 @@ def embed(inputs, model="panopticon_vitb14", output_dir: str = "embeddings", sen
 
     `inputs`: a path or list of paths (GeoTIFFs, folders, scenes YAMLs, STAC item JSONs); `model`: anything
     `dinov2.load_model` takes, or a loaded model; `settings`: fields of `EmbedSettings`."""
+    from dinov2.distributed import get_device
     from dinov2.hub import load_model
 
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     scenes = collect_scenes([str(p) for p in paths], sensor, bands, wavelengths_nm, nodata)
     net = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     return embed_scenes(scenes, net, output_dir, EmbedSettings(**settings),
-                        torch.device(device) if device else None)
+                        torch.device(device) if device else get_device())
