@@ -277,3 +277,15 @@ def test_search_by_chip_and_point(tmp_path, run_dir, capsys):
         search_chips(str(out / "chips.parquet"), lonlat=(0.0, 0.0))
     with pytest.raises(ValueError, match="chip id 'nope' is not in"):
         search_chips(str(out / "chips.parquet"), chip_id="nope")
+
+
+def test_bf16_autocast_close_to_fp32(tmp_path, run_dir):
+    tif = write_tif(tmp_path / "b.tif", smooth_scene(56, 56, seed=9))
+    outs = {}
+    for prec in ("fp32", "bf16"):
+        run_embed([tif, "--sensor", "sentinel2", "--bands", ",".join(S2_BANDS), "--model", run_dir, "--chip-size",
+                   "56", "--overlap", "0", "--precision", prec, "-o", str(tmp_path / prec)])
+        with rasterio.open(tmp_path / prec / "b_patches.tif") as src:
+            outs[prec] = src.read()
+    assert not np.array_equal(outs["fp32"], outs["bf16"])  # autocast really ran in bf16
+    np.testing.assert_allclose(outs["bf16"], outs["fp32"], atol=0.1 * np.abs(outs["fp32"]).max())

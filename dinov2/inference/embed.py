@@ -86,6 +86,10 @@ class SceneEmbedder:
         self.ps, self.dim = int(info.patch_size), int(info.embed_dim)
         self.reader = SceneReader(scene)
         g = self.reader.grid
+        metres = [v for v in (settings.chip_size, settings.overlap) if str(v).strip().lower().endswith("m")]
+        if metres and self.reader.crs.is_geographic:
+            raise ValueError(f"scene {scene.name}: chip size/overlap {metres} are in metres but the scene's CRS "
+                             f"{self.reader.crs} is in degrees; give pixels instead")
         chip_px = size_in_pixels(settings.chip_size, g.res, self.ps, "chip size")
         overlap_px = size_in_pixels(settings.overlap, g.res, self.ps, "overlap")
         if chip_px == 0:
