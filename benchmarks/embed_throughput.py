@@ -107,7 +107,8 @@ def main(argv=None) -> int:
         rows.append(json.loads(line[0][7:]))
     print(f"model {args.model}, chip {args.chip_size} px, overlap {args.overlap} px, batch {args.batch_size}, "
           f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
-    print("| scene px | chips | end-to-end chips/s | bare model chips/s | e2e / bare | peak RSS MB | RSS before the timed run MB |")
+    print("| scene px | chips | end-to-end chips/s | bare model chips/s | e2e / bare | peak RSS MB "
+          "| RSS before the timed run MB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         e2e, bare = r["chips"] / r["e2e_s"], r["chips"] / r["bare_s"]

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
 import torch.nn as nn
 
 logger = logging.getLogger("dinov2")

@@ -92,7 +92,8 @@ def run_embed(args):
 
 def direct_tokens(model, chip, mean, std, ids):
     """(cls, patch tokens (n, n, D)) of a raw (C, S, S) chip, normalised here."""
-    x = (chip.astype(np.float32) - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+    m, s = np.asarray(mean, np.float32)[:, None, None], np.asarray(std, np.float32)[:, None, None]
+    x = (chip.astype(np.float32) - m) / s
     with torch.no_grad():
         out = model.forward_features({"imgs": torch.from_numpy(x)[None], "chn_ids": torch.tensor([ids])})
     n = chip.shape[-1] // 14

@@ -136,7 +136,8 @@ class SceneReader:
         pairs = [robust_band_stats(a[valid]) for a in arr]
         return [m for m, _ in pairs], [s for _, s in pairs]
 
-    def chip(self, row: int, col: int, size: int, mean: np.ndarray, std: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def chip(self, row: int, col: int, size: int, mean: np.ndarray,
+             std: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A `size` x `size` chip with top-left (row, col): normalised (C, size, size) float32, validity mask and
         in-scene mask. The part beyond the scene's right/bottom edge is mirrored scene content (so edge
         patches see plausible surroundings) and flagged out-of-scene; invalid pixels are filled with the mean."""

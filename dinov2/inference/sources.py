@@ -69,7 +69,8 @@ def _wavelength_id(nm: Any, what: str) -> int:
     return int(round(v, 3))  # ⌊nm⌋ after removing float noise (0.665 um * 1000 = 664.999...)
 
 
-def _registry_channels(sensor: str, bands: Sequence[str], paths: Sequence[str], indexes: Sequence[int]) -> List[Channel]:
+def _registry_channels(sensor: str, bands: Sequence[str], paths: Sequence[str],
+                       indexes: Sequence[int]) -> List[Channel]:
     from dinov2.data.sensors import band_info
 
     out = []
@@ -234,7 +235,8 @@ def scene_from_stac(path: str) -> SceneSource:
 
 
 def collect_scenes(inputs: Sequence[str], sensor: Optional[str] = None, bands: Optional[Sequence[str]] = None,
-                   wavelengths_nm: Optional[Sequence[float]] = None, nodata: Optional[float] = None) -> List[SceneSource]:
+                   wavelengths_nm: Optional[Sequence[float]] = None,
+                   nodata: Optional[float] = None) -> List[SceneSource]:
     """Scenes of every input: GeoTIFF/COG files, folders of them, scenes YAMLs, STAC item JSONs."""
     scenes: List[SceneSource] = []
 
