@@ -40,7 +40,7 @@ class EmbedSettings:
     min_valid: float = 0.5  # a patch is embedded when at least this fraction of its in-scene pixels is valid
     norm_stats: str = "scene"  # 'scene' | stats file (.yaml/.json) | 'dataset:<name>'
     precision: str = "fp32"  # 'fp32' | 'bf16' (autocast; meant for GPUs)
-    compress: str = "deflate"
+    compress: str = "zstd"
     progress: bool = True
 
 

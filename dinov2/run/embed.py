@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default), a stats file (.yaml/.json) or 'dataset:<name>'")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (for GPUs)")
     p.add_argument("--device", help="torch device (default: cuda:<local rank> when available, else cpu)")
-    p.add_argument("--compress", default="deflate", help="COG compression (default: %(default)s)")
+    p.add_argument("--compress", default="zstd", choices=("zstd", "deflate", "lzw", "none"),
+                   help="COG compression (default: %(default)s; deflate for the oldest GDAL readers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
