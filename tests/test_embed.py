@@ -290,3 +290,20 @@ def test_bf16_autocast_close_to_fp32(tmp_path, run_dir):
             outs[prec] = src.read()
     assert not np.array_equal(outs["fp32"], outs["bf16"])  # autocast really ran in bf16
     np.testing.assert_allclose(outs["bf16"], outs["fp32"], atol=0.1 * np.abs(outs["fp32"]).max())
+
+
+def test_scenes_in_different_crs_share_a_wgs84_table(tmp_path, run_dir):
+    import pyarrow.parquet as pq
+
+    a = write_tif(tmp_path / "a.tif", smooth_scene(56, 56, seed=10))
+    b = write_tif(tmp_path / "b.tif", smooth_scene(56, 112, seed=11), crs="EPSG:32633", origin=(300000.0, 5000000.0))
+    run_embed([a, b, "--sensor", "sentinel2", "--bands", ",".join(S2_BANDS), "--model", run_dir, "--chip-size", "56",
+               "--overlap", "0", "-o", str(tmp_path / "out")])
+    chips = gpd.read_parquet(tmp_path / "out" / "chips.parquet")
+    assert chips.crs.to_epsg() == 4326
+    assert sorted(chips["crs"]) == ["EPSG:32632", "EPSG:32633", "EPSG:32633"]
+    for _, row in chips.iterrows():  # footprints reprojected to degrees, inside each chip's WGS84 bbox
+        minx, miny, maxx, maxy = row.geometry.bounds
+        bb = row.bbox_wgs84
+        assert bb["xmin"] - 1e-9 <= minx and maxx <= bb["xmax"] + 1e-9 and 40 < miny < maxy < 50
+    assert b"geo" in pq.read_schema(tmp_path / "out" / "chips.parquet").metadata

@@ -266,7 +266,10 @@ class SceneEmbedder:
             rows = np.where(den[:k, :grid.cols, None] > 0, num[:k, :grid.cols] / den[:k, :grid.cols, None], np.nan)
         write_rows(partial, a, np.ascontiguousarray(rows.transpose(2, 0, 1)))
         if results:  # a strip of no-data chips has no rows (and no shard)
-            write_table(os.path.join(self.work, f"chips_{strip:06d}.parquet"), self._chip_rows(strip, results))
+            import pyarrow as pa
+
+            write_table(os.path.join(self.work, f"chips_{strip:06d}.parquet"), self._chip_rows(strip, results),
+                        {"datetime": pa.string()})
         # rows [b, start + n) carry into the next strip; shift them to the top
         keep = grid.row_starts[strip] + n - b if strip + 1 < len(grid.row_starts) else 0
         num[:keep], den[:keep] = num[k:k + keep].copy(), den[k:k + keep].copy()

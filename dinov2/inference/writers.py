@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -67,8 +67,9 @@ def finalize_cog(partial: str, final: str, compress: str = "zstd") -> None:
     os.replace(tmp, final)
 
 
-def write_table(path: str, columns: Dict[str, Any]) -> None:
-    """A parquet shard (plain pyarrow table) written atomically; embeddings as fixed-size float32 lists."""
+def write_table(path: str, columns: Dict[str, Any], types: Optional[Dict[str, Any]] = None) -> None:
+    """A parquet shard (plain pyarrow table) written atomically; 2-D arrays become fixed-size float32 lists,
+    `types` fixes the arrow type of columns that may be all-null."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -78,48 +79,76 @@ def write_table(path: str, columns: Dict[str, Any]) -> None:
             flat = pa.array(np.ascontiguousarray(v, dtype=np.float32).reshape(-1))
             arrays[k] = pa.FixedSizeListArray.from_arrays(flat, v.shape[1])
         else:
-            arrays[k] = pa.array(v)
+            arrays[k] = pa.array(v, type=(types or {}).get(k))
     tmp = f"{path}.tmp{os.getpid()}"
     pq.write_table(pa.table(arrays), tmp)
     os.replace(tmp, path)
 
 
 def combine_shards(shards: Sequence[str], out: str) -> None:
-    """Concatenate parquet shards (same schema) into one file, atomically."""
-    import pyarrow as pa
+    """Concatenate parquet shards (same schema) into one file, atomically, one shard in memory at a time."""
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(s) for s in shards]
-    table = pa.concat_tables(tables) if tables else None
-    tmp = f"{out}.tmp{os.getpid()}"
-    if table is None:
+    if not shards:
         raise ValueError(f"no chip tables to combine into {out}")
-    pq.write_table(table, tmp)
+    tmp = f"{out}.tmp{os.getpid()}"
+    writer = None
+    for shard in shards:
+        table = pq.read_table(shard)
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table.cast(writer.schema))
+    writer.close()
     os.replace(tmp, out)
 
 
-def write_geoparquet(scene_tables: Sequence[str], out: str) -> int:
-    """GeoParquet of all chips: the per-scene tables (WKB footprints + `crs` column) with a geometry column in
-    the scenes' CRS (or WGS84 when scenes differ in CRS). Returns the number of rows."""
+def _geo_metadata(crs: str) -> bytes:
+    """GeoParquet 'geo' metadata of a polygon column in `crs`, as geopandas writes it (file-wide bbox dropped:
+    the file is written in pieces)."""
+    import io
+
     import geopandas as gpd
-    import pandas as pd
     import pyarrow.parquet as pq
     import shapely
 
-    frames: List[pd.DataFrame] = [pq.read_table(p).to_pandas() for p in scene_tables]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if df.empty:
+    buf = io.BytesIO()
+    gpd.GeoDataFrame({"x": [0]}, geometry=[shapely.box(0, 0, 1, 1)], crs=crs).to_parquet(buf, index=False)
+    buf.seek(0)
+    geo = json.loads(pq.read_schema(buf).metadata[b"geo"])
+    for col in geo["columns"].values():
+        col.pop("bbox", None)
+    return json.dumps(geo).encode()
+
+
+def write_geoparquet(scene_tables: Sequence[str], out: str, rows_per_batch: int = 4096) -> int:
+    """GeoParquet of all chips, streamed batch by batch from the per-scene tables (WKB footprints in column
+    `footprint_wkb`, scene CRS in `crs`): geometry in the scenes' CRS, or WGS84 when scenes differ in CRS.
+    Returns the number of rows."""
+    import geopandas as gpd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import shapely
+
+    crss = sorted({c for p in scene_tables for c in pq.read_table(p, columns=["crs"]).column("crs").to_pylist()})
+    if not crss:
         raise ValueError(f"no chips were embedded; nothing to write to {out}")
-    crss = sorted(set(df["crs"]))
-    parts = []
-    for crs in crss:
-        sub = df[df["crs"] == crs]
-        g = gpd.GeoSeries(shapely.from_wkb(sub["footprint_wkb"].to_numpy()), crs=crs, index=sub.index)
-        parts.append(g if len(crss) == 1 else g.to_crs("EPSG:4326"))
-    geom = pd.concat(parts).loc[df.index]
-    gdf = gpd.GeoDataFrame(df.drop(columns=["footprint_wkb"]), geometry=geom.values,
-                           crs=crss[0] if len(crss) == 1 else "EPSG:4326")
+    target = crss[0] if len(crss) == 1 else "EPSG:4326"
+    meta = _geo_metadata(target)
     tmp = f"{out}.tmp{os.getpid()}"
-    gdf.to_parquet(tmp, index=False)
+    writer, n = None, 0
+    for path in scene_tables:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=rows_per_batch):
+            table = pa.Table.from_batches([batch])
+            crs = table.column("crs")[0].as_py()
+            geom = shapely.from_wkb(table.column("footprint_wkb").to_numpy(zero_copy_only=False))
+            if crs != target:
+                geom = gpd.GeoSeries(geom, crs=crs).to_crs(target).values
+            table = table.drop_columns(["footprint_wkb"]).append_column("geometry", pa.array(shapely.to_wkb(geom)))
+            if writer is None:
+                schema = table.schema.with_metadata({b"geo": meta})
+                writer = pq.ParquetWriter(tmp, schema)
+            writer.write_table(table.cast(writer.schema))
+            n += table.num_rows
+    writer.close()
     os.replace(tmp, out)
-    return len(gdf)
+    return n
