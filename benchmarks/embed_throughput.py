@@ -3,11 +3,11 @@
     python benchmarks/embed_throughput.py                       # ViT-B/14 (random weights), 448 and 896 px scenes
     python benchmarks/embed_throughput.py --model <run folder> --sizes 448 896 --batch-size 8
 
-For each scene size a fresh worker process (so peak memory is its own) writes a 4-band uint16 GeoTIFF, then
-(1) times `embed_scenes` end to end (statistics, read -> normalise -> model -> blend -> COG + GeoParquet writes;
-model loading excluded) and records its peak resident memory, and (2) times the bare model forward on exactly
-the same chips (read into memory beforehand, same batch size). Prints a table: chips/s of both, their ratio
-(target >= 90 %), and peak RSS (target: flat in scene size).
+For each scene size the script writes a 4-band uint16 GeoTIFF and a fresh worker process (so peak memory is its
+own) (1) times `embed_scenes` end to end (statistics, read -> normalise -> model -> blend -> COG + GeoParquet
+writes; model loading and a warm-up on a one-chip scene excluded) and records its peak resident memory, and (2) times the bare model forward on exactly
+the same chips (read into memory beforehand, same batch size); each timing is the best of `--repeats`.
+Prints a table: chips/s of both, their ratio (target >= 90 %), and peak RSS (target: flat in scene size).
 """
 from __future__ import annotations
 
@@ -60,9 +60,11 @@ def worker(args) -> dict:
     embed_scenes([scene_from_raster(warm, "sentinel2", ["B02", "B03", "B04", "B08"])], model,
                  os.path.join(tmp, "warmup_out"), settings)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t = time.perf_counter()
-    res = embed_scenes([scene], model, os.path.join(tmp, "out"), settings)
-    e2e = time.perf_counter() - t
+    e2e = float("inf")
+    for rep in range(args.repeats):  # best of: the shared machine's load changes from minute to minute
+        t = time.perf_counter()
+        res = embed_scenes([scene], model, os.path.join(tmp, f"out{rep}"), settings)
+        e2e = min(e2e, time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # bare model on the same chips (the embedder's own reader and statistics, read beforehand)
     emb = SceneEmbedder(scene, model, tmp, settings, torch.device("cpu"))
@@ -72,11 +74,13 @@ def worker(args) -> dict:
     ids = torch.tensor(scene.chn_ids).expand(args.batch_size, -1)
     with torch.no_grad():
         model.forward_features({"imgs": torch.from_numpy(np.stack(chips[:1])), "chn_ids": ids[:1]})  # warm-up
-        t = time.perf_counter()
-        for b in range(0, len(chips), args.batch_size):
-            x = torch.from_numpy(np.stack(chips[b:b + args.batch_size]))
-            model.forward_features({"imgs": x, "chn_ids": ids[:len(x)]})
-        bare = time.perf_counter() - t
+        bare = float("inf")
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            for b in range(0, len(chips), args.batch_size):
+                x = torch.from_numpy(np.stack(chips[b:b + args.batch_size]))
+                model.forward_features({"imgs": x, "chn_ids": ids[:len(x)]})
+            bare = min(bare, time.perf_counter() - t)
     return {"size": args.worker, "chips": len(chips), "n_rows": res["n_chips"], "e2e_s": e2e, "bare_s": bare,
             "peak_rss_mb": peak, "rss_after_model_mb": rss0}
 
@@ -88,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--chip-size", default="224")
     p.add_argument("--overlap", default="28")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats of each measurement; the best counts")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--tif", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -99,14 +104,15 @@ def main(argv=None) -> int:
         tif = os.path.join(tempfile.mkdtemp(prefix="embed_bench_"), "scene.tif")
         _scene(tif, size)  # written here so that the worker's peak memory is the embedding's own
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(size), "--tif", tif, "--model", args.model,
-               "--chip-size", args.chip_size, "--overlap", args.overlap, "--batch-size", str(args.batch_size)]
+               "--chip-size", args.chip_size, "--overlap", args.overlap, "--batch-size", str(args.batch_size),
+               "--repeats", str(args.repeats)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not line:
             raise RuntimeError(f"worker for {size} px failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(line[0][7:]))
     print(f"model {args.model}, chip {args.chip_size} px, overlap {args.overlap} px, batch {args.batch_size}, "
-          f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+          f"best of {args.repeats}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     print("| scene px | chips | end-to-end chips/s | bare model chips/s | e2e / bare | peak RSS MB "
           "| RSS before the timed run MB |")
     print("|---|---|---|---|---|---|---|")
