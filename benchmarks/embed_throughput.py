@@ -70,7 +70,7 @@ def worker(args) -> dict:
     emb = SceneEmbedder(scene, model, tmp, settings, torch.device("cpu"))
     stats = emb.reader.stats()
     emb.mean, emb.std = np.asarray(stats[0], np.float32), np.asarray(stats[1], np.float32)
-    chips = [c[1] for k in range(len(emb.grid.row_starts)) for c in emb._strip_chips(k, 0, 1)]
+    chips = [c[2] for c in emb._strip_chips(range(len(emb.grid.row_starts)), 0, 1)]
     ids = torch.tensor(scene.chn_ids).expand(args.batch_size, -1)
     with torch.no_grad():
         model.forward_features({"imgs": torch.from_numpy(np.stack(chips[:1])), "chn_ids": ids[:1]})  # warm-up

@@ -109,16 +109,24 @@ class SceneEmbedder:
         }
 
     # ------------------------------------------------------------------ reading (runs in a helper thread)
-    def _strip_chips(self, strip: int, rank: int, world: int) -> List[Tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    def _strip_chips(self, strips: Sequence[int], rank: int, world: int) -> List[Tuple]:
+        """(strip, chip column, normalised chip, valid mask, in-scene mask) of this rank's chips of `strips`."""
         size = self.grid.chip * self.ps
-        row = self.grid.row_starts[strip] * self.ps
         out = []
-        for ci, c0 in enumerate(self.grid.col_starts):
-            if ci % world != rank:
-                continue
-            arr, valid, inside = self.reader.chip(row, c0 * self.ps, size, self.mean, self.std)
-            out.append((ci, arr, valid, inside))
+        for strip in strips:
+            row = self.grid.row_starts[strip] * self.ps
+            for ci, c0 in enumerate(self.grid.col_starts):
+                if ci % world == rank:
+                    out.append((strip, ci, *self.reader.chip(row, c0 * self.ps, size, self.mean, self.std)))
         return out
+
+    def _strip_groups(self, start: int, world: int) -> List[List[int]]:
+        """Consecutive strips grouped so that each rank has at least a batch of chips per group (CPU forward
+        passes are much slower per chip in small batches); strips are still written one by one."""
+        per_rank = max(1, len(self.grid.col_starts) // world)
+        size = max(1, -(-self.s.batch_size // per_rank))
+        strips = list(range(start, len(self.grid.row_starts)))
+        return [strips[i:i + size] for i in range(0, len(strips), size)]
 
     def _patch_valid(self, valid: np.ndarray, inside: np.ndarray) -> Tuple[np.ndarray, float]:
         n, p = self.grid.chip, self.ps
@@ -141,15 +149,18 @@ class SceneEmbedder:
 
     def _embed_chips(self, chips) -> List[Dict[str, Any]]:
         results, todo = [], []
-        for ci, arr, valid, inside in chips:
+        for strip, ci, arr, valid, inside in chips:
             pvalid, frac = self._patch_valid(valid, inside)
             if pvalid.any():  # chips without a single valid patch are not embedded at all
-                todo.append((ci, arr, pvalid, frac))
-        for b in range(0, len(todo), self.s.batch_size):
-            batch = todo[b: b + self.s.batch_size]
-            cls, patches = self._forward([t[1] for t in batch])
-            for (ci, _, pvalid, frac), c, p in zip(batch, cls, patches):
-                results.append({"ci": ci, "cls": c, "patches": p, "pvalid": pvalid, "valid_fraction": frac})
+                todo.append((strip, ci, arr, pvalid, frac))
+        n_batches = -(-len(todo) // self.s.batch_size)
+        bounds = np.linspace(0, len(todo), n_batches + 1).round().astype(int) if todo else []
+        for a, b in zip(bounds[:-1], bounds[1:]):  # near-equal batches: 10 chips -> 5 + 5, not 8 + 2
+            batch = todo[a:b]
+            cls, patches = self._forward([t[2] for t in batch])
+            for (strip, ci, _, pvalid, frac), c, p in zip(batch, cls, patches):
+                results.append({"strip": strip, "ci": ci, "cls": c, "patches": p, "pvalid": pvalid,
+                                "valid_fraction": frac})
         return results
 
     # ------------------------------------------------------------------ chip table
@@ -239,16 +250,20 @@ class SceneEmbedder:
         per_strip = len(grid.col_starts)
         bar = tqdm(total=grid.n_chips, initial=start * per_strip, unit="chip", desc=self.scene.name,
                    disable=not (self.s.progress and rank == 0), dynamic_ncols=True)
+        groups = self._strip_groups(start, world)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self._strip_chips, start, rank, world) if start < n_strips else None
-            for strip in range(start, n_strips):
+            pending = pool.submit(self._strip_chips, groups[0], rank, world) if groups else None
+            for gi, group in enumerate(groups):
                 chips = pending.result()
-                pending = pool.submit(self._strip_chips, strip + 1, rank, world) if strip + 1 < n_strips else None
+                if gi + 1 < len(groups):
+                    pending = pool.submit(self._strip_chips, groups[gi + 1], rank, world)
                 gathered = _gather(self._embed_chips(chips), rank, world)
-                if rank == 0:
-                    results = sorted((r for part in gathered for r in part), key=lambda r: r["ci"])
-                    self._write_strip(strip, results, num, den, partial, stats)
-                bar.update(per_strip)
+                for strip in group:
+                    if rank == 0:
+                        results = sorted((r for part in gathered for r in part if r["strip"] == strip),
+                                         key=lambda r: r["ci"])
+                        self._write_strip(strip, results, num, den, partial, stats)
+                    bar.update(per_strip)
         bar.close()
         if rank == 0:
             self._finish(partial, n_strips)
