@@ -10,6 +10,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+GDAL_CACHE_MB = 256  # block cache while writing rasters: bounded, so peak memory does not follow scene size
+
 
 def atomic_json(path: str, obj: Dict[str, Any]) -> None:
     """Write JSON via a temporary file and rename."""
@@ -48,7 +50,7 @@ def write_rows(path: str, row0: int, data: np.ndarray) -> None:
     import rasterio
     from rasterio.windows import Window
 
-    with rasterio.open(path, "r+") as dst:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(path, "r+") as dst:
         dst.write(data.astype(np.float32, copy=False), window=Window(0, row0, data.shape[2], data.shape[1]))
 
 
@@ -63,9 +65,12 @@ def finalize_cog(partial: str, final: str, compress: str = "zstd") -> None:
     opts = {"COMPRESS": codec}
     if codec in ("ZSTD", "DEFLATE"):
         opts.update(PREDICTOR="YES", LEVEL=1)
+    import rasterio
+
     tmp = os.path.join(os.path.dirname(partial), "final_cog.tif")
-    rio_copy(partial, tmp, driver="COG", BLOCKSIZE=256, OVERVIEW_RESAMPLING="AVERAGE", BIGTIFF="IF_SAFER",
-             NUM_THREADS="ALL_CPUS", **opts)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):  # GDAL's default cache (5 % of RAM) would grow with the map
+        rio_copy(partial, tmp, driver="COG", BLOCKSIZE=256, OVERVIEW_RESAMPLING="AVERAGE", BIGTIFF="IF_SAFER",
+                 NUM_THREADS="ALL_CPUS", **opts)
     os.replace(tmp, final)
 
 
