@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-GDAL_CACHE_MB = 256  # block cache while writing rasters: bounded, so peak memory does not follow scene size
+GDAL_CACHE_MB = 64  # block cache while writing rasters: bounded, so peak memory does not follow scene size
 
 
 def atomic_json(path: str, obj: Dict[str, Any]) -> None:
