@@ -1,0 +1,358 @@
+"""Embed whole scenes: stream chips in strips, run the backbone, blend overlapping patch embeddings, write
+a patch-embedding COG per scene and one GeoParquet of chip embeddings — resumable and shardable over ranks.
+
+Per scene, work happens in ``<out>/.embed/<scene>/`` (partial raster, one parquet shard per strip, the carried
+overlap rows, ``state.json``); the finished ``<scene>_patches.tif`` is renamed into place and
+``.embed/<scene>.done.json`` marks it complete. Under torch.distributed every rank embeds its share of each
+strip's chips and rank 0 blends and writes, so the output equals a single-process run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from dinov2.inference.grid import ChipGrid, size_in_pixels
+from dinov2.inference.normstats import resolve_stats
+from dinov2.inference.reader import SceneReader
+from dinov2.inference.sources import SceneSource, collect_scenes
+from dinov2.inference.writers import (atomic_json, combine_shards, create_partial_raster, finalize_cog, read_json,
+                                      write_geoparquet, write_rows, write_table)
+
+logger = logging.getLogger("dinov2")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class EmbedSettings:
+    """Tiling, normalisation and runtime options of `embed_scenes` (defaults are the CLI's)."""
+
+    chip_size: str = "224"  # pixels ('224', '224px') or metres ('2240m'); a multiple of the patch size
+    overlap: str = "28"  # same units; blended with linear cross-fades
+    batch_size: int = 8
+    min_valid: float = 0.5  # a patch is embedded when at least this fraction of its in-scene pixels is valid
+    norm_stats: str = "scene"  # 'scene' | stats file (.yaml/.json) | 'dataset:<name>'
+    precision: str = "fp32"  # 'fp32' | 'bf16' (autocast; meant for GPUs)
+    compress: str = "zstd"
+    progress: bool = True
+
+
+def _dist() -> Tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(obj: Any, rank: int, world: int) -> List[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def _broadcast(obj: Any, world: int) -> Any:
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _file_sig(paths: Sequence[str]) -> List[List[Any]]:
+    return [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
+
+
+class SceneEmbedder:
+    """Embeds one scene with a loaded backbone (see the module docstring)."""
+
+    def __init__(self, scene: SceneSource, model: torch.nn.Module, out_dir: str, settings: EmbedSettings,
+                 device: torch.device):
+        self.scene, self.model, self.out_dir, self.s, self.device = scene, model, out_dir, settings, device
+        info = model.info
+        self.ps, self.dim = int(info.patch_size), int(info.embed_dim)
+        self.reader = SceneReader(scene)
+        g = self.reader.grid
+        metres = [v for v in (settings.chip_size, settings.overlap) if str(v).strip().lower().endswith("m")]
+        if metres and self.reader.crs.is_geographic:
+            raise ValueError(f"scene {scene.name}: chip size/overlap {metres} are in metres but the scene's CRS "
+                             f"{self.reader.crs} is in degrees; give pixels instead")
+        chip_px = size_in_pixels(settings.chip_size, g.res, self.ps, "chip size")
+        overlap_px = size_in_pixels(settings.overlap, g.res, self.ps, "overlap")
+        if chip_px == 0:
+            raise ValueError("chip size must be positive")
+        self.grid = ChipGrid(-(-g.height // self.ps), -(-g.width // self.ps), chip_px // self.ps,
+                             overlap_px // self.ps)
+        self.weights = self.grid.weights()
+        self.final_tif = os.path.join(out_dir, f"{scene.name}_patches.tif")
+        self.work = os.path.join(out_dir, ".embed", scene.name)
+        self.done_marker = os.path.join(out_dir, ".embed", f"{scene.name}.done.json")
+        self.table = os.path.join(out_dir, ".embed", f"{scene.name}.chips.parquet")
+        self.signature = {
+            "version": FORMAT_VERSION, "model": str(info.source), "ckpt": info.ckpt_path, "patch_size": self.ps,
+            "embed_dim": self.dim, "chip": self.grid.chip, "overlap": self.grid.overlap,
+            "min_valid": settings.min_valid, "norm_stats": settings.norm_stats, "bands": scene.bands,
+            "chn_ids": scene.chn_ids, "files": _file_sig(scene.files), "precision": settings.precision,
+        }
+
+    # ------------------------------------------------------------------ reading (runs in a helper thread)
+    def _strip_chips(self, strip: int, rank: int, world: int) -> List[Tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        size = self.grid.chip * self.ps
+        row = self.grid.row_starts[strip] * self.ps
+        out = []
+        for ci, c0 in enumerate(self.grid.col_starts):
+            if ci % world != rank:
+                continue
+            arr, valid, inside = self.reader.chip(row, c0 * self.ps, size, self.mean, self.std)
+            out.append((ci, arr, valid, inside))
+        return out
+
+    def _patch_valid(self, valid: np.ndarray, inside: np.ndarray) -> Tuple[np.ndarray, float]:
+        n, p = self.grid.chip, self.ps
+        v = valid.reshape(n, p, n, p).sum((1, 3))
+        i = inside.reshape(n, p, n, p).sum((1, 3))
+        pvalid = (i > 0) & (v >= self.s.min_valid * np.maximum(i, 1))
+        return pvalid, float(valid.sum()) / float(max(inside.sum(), 1))
+
+    # ------------------------------------------------------------------ model
+    @torch.no_grad()
+    def _forward(self, imgs: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.stack(imgs)).to(self.device)
+        ids = torch.tensor(self.scene.chn_ids, dtype=torch.long, device=self.device).expand(x.shape[0], -1)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.precision == "bf16"):
+            out = self.model.forward_features({"imgs": x, "chn_ids": ids})
+        n = self.grid.chip
+        cls = out["x_norm_clstoken"].float().cpu().numpy()
+        patches = out["x_norm_patchtokens"].float().cpu().numpy().reshape(x.shape[0], n, n, self.dim)
+        return cls, patches
+
+    def _embed_chips(self, chips) -> List[Dict[str, Any]]:
+        results, todo = [], []
+        for ci, arr, valid, inside in chips:
+            pvalid, frac = self._patch_valid(valid, inside)
+            if pvalid.any():  # chips without a single valid patch are not embedded at all
+                todo.append((ci, arr, pvalid, frac))
+        for b in range(0, len(todo), self.s.batch_size):
+            batch = todo[b: b + self.s.batch_size]
+            cls, patches = self._forward([t[1] for t in batch])
+            for (ci, _, pvalid, frac), c, p in zip(batch, cls, patches):
+                results.append({"ci": ci, "cls": c, "patches": p, "pvalid": pvalid, "valid_fraction": frac})
+        return results
+
+    # ------------------------------------------------------------------ chip table
+    def _chip_rows(self, strip: int, results: List[Dict[str, Any]]) -> Dict[str, Any]:
+        import shapely
+        from rasterio.warp import transform as warp_points
+        from rasterio.warp import transform_bounds
+
+        g, ps, n = self.reader.grid, self.ps, self.grid.chip
+        r0 = self.grid.row_starts[strip] * ps
+        cols: Dict[str, list] = {k: [] for k in ("chip_id", "scene", "chip_row", "chip_col", "row_px", "col_px",
+                                                 "height_px", "width_px", "valid_fraction", "n_valid_patches",
+                                                 "footprint_wkb", "bbox_wgs84", "lon", "lat")}
+        cls, mean = [], []
+        crs = self.reader.crs
+        for r in results:
+            c0 = self.grid.col_starts[r["ci"]] * ps
+            h, w = min(n * ps, g.height - r0), min(n * ps, g.width - c0)
+            x0, y1 = g.left + c0 * g.res, g.top - r0 * g.res
+            x1, y0 = x0 + w * g.res, y1 - h * g.res
+            west, south, east, north = transform_bounds(crs, "EPSG:4326", x0, y0, x1, y1, densify_pts=21)
+            (lon,), (lat,) = warp_points(crs, "EPSG:4326", [(x0 + x1) / 2], [(y0 + y1) / 2])
+            cols["chip_id"].append(f"{self.scene.name}:r{strip}c{r['ci']}")
+            cols["scene"].append(self.scene.name)
+            cols["chip_row"].append(strip)
+            cols["chip_col"].append(r["ci"])
+            cols["row_px"].append(r0)
+            cols["col_px"].append(c0)
+            cols["height_px"].append(h)
+            cols["width_px"].append(w)
+            cols["valid_fraction"].append(r["valid_fraction"])
+            cols["n_valid_patches"].append(int(r["pvalid"].sum()))
+            cols["footprint_wkb"].append(shapely.to_wkb(shapely.box(x0, y0, x1, y1)))
+            cols["bbox_wgs84"].append({"xmin": west, "ymin": south, "xmax": east, "ymax": north})
+            cols["lon"].append(float(lon))
+            cols["lat"].append(float(lat))
+            cls.append(r["cls"])
+            mean.append(r["patches"][r["pvalid"]].mean(0))
+        k = len(results)
+        cols.update(sensor=[self.scene.sensor] * k, bands=[self.scene.bands] * k,
+                    chn_ids=[self.scene.chn_ids] * k, source_files=[self.scene.files] * k,
+                    datetime=[self.scene.datetime] * k, crs=[crs.to_string()] * k,
+                    cls_embedding=np.asarray(cls, np.float32).reshape(k, self.dim),
+                    mean_embedding=np.asarray(mean, np.float32).reshape(k, self.dim))
+        return cols
+
+    # ------------------------------------------------------------------ main loop
+    def _state(self) -> Tuple[int, Optional[Dict[str, Any]]]:
+        state = read_json(os.path.join(self.work, "state.json"))
+        if state is not None and state.get("signature") == self.signature:
+            return int(state["strips_done"]), state
+        if os.path.isdir(self.work):
+            shutil.rmtree(self.work)
+        os.makedirs(self.work)
+        return 0, None
+
+    def is_done(self) -> bool:
+        marker = read_json(self.done_marker)
+        return bool(marker and marker.get("signature") == self.signature and os.path.isfile(self.final_tif)
+                    and os.path.isfile(self.table))
+
+    def run(self, rank: int = 0, world: int = 1) -> None:
+        """Embed the scene (resuming finished strips); rank 0 writes."""
+        start, state = self._state() if rank == 0 else (0, None)
+        start, stats = _broadcast((start, state["stats"] if state else None), world)
+        if stats is None:
+            stats = resolve_stats(self.s.norm_stats, self.scene, self.reader)
+        self.mean, self.std = (np.asarray(stats[0], np.float32), np.asarray(stats[1], np.float32))
+        grid, n, dim = self.grid, self.grid.chip, self.dim
+        partial = os.path.join(self.work, "patches_partial.tif")
+        acc_w = grid.col_starts[-1] + n
+        num = np.zeros((n, acc_w, dim), np.float32)
+        den = np.zeros((n, acc_w), np.float32)
+        if rank == 0:
+            if start == 0:
+                g = self.reader.grid
+                from affine import Affine
+
+                create_partial_raster(partial, grid.cols, grid.rows, dim, self.reader.crs,
+                                      Affine(g.res * self.ps, 0, g.left, 0, -g.res * self.ps, g.top))
+            else:
+                carry = np.load(os.path.join(self.work, f"carry_{start}.npz"))
+                num[:grid.overlap], den[:grid.overlap] = carry["num"], carry["den"]
+        from tqdm import tqdm
+
+        n_strips = len(grid.row_starts)
+        per_strip = len(grid.col_starts)
+        bar = tqdm(total=grid.n_chips, initial=start * per_strip, unit="chip", desc=self.scene.name,
+                   disable=not (self.s.progress and rank == 0), dynamic_ncols=True)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self._strip_chips, start, rank, world) if start < n_strips else None
+            for strip in range(start, n_strips):
+                chips = pending.result()
+                pending = pool.submit(self._strip_chips, strip + 1, rank, world) if strip + 1 < n_strips else None
+                gathered = _gather(self._embed_chips(chips), rank, world)
+                if rank == 0:
+                    results = sorted((r for part in gathered for r in part), key=lambda r: r["ci"])
+                    self._write_strip(strip, results, num, den, partial, stats)
+                bar.update(per_strip)
+        bar.close()
+        if rank == 0:
+            self._finish(partial, n_strips)
+
+    def _write_strip(self, strip: int, results, num: np.ndarray, den: np.ndarray, partial: str, stats) -> None:
+        grid, n = self.grid, self.grid.chip
+        for r in results:
+            c0 = grid.col_starts[r["ci"]]
+            w = self.weights * r["pvalid"]
+            num[:, c0:c0 + n] += r["patches"] * w[..., None]
+            den[:, c0:c0 + n] += w
+        a, b = grid.final_rows(strip)
+        k = b - a
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rows = np.where(den[:k, :grid.cols, None] > 0, num[:k, :grid.cols] / den[:k, :grid.cols, None], np.nan)
+        write_rows(partial, a, np.ascontiguousarray(rows.transpose(2, 0, 1)))
+        if results:  # a strip of no-data chips has no rows (and no shard)
+            import pyarrow as pa
+
+            write_table(os.path.join(self.work, f"chips_{strip:06d}.parquet"), self._chip_rows(strip, results),
+                        {"datetime": pa.string()})
+        # rows [b, start + n) carry into the next strip; shift them to the top
+        keep = grid.row_starts[strip] + n - b if strip + 1 < len(grid.row_starts) else 0
+        num[:keep], den[:keep] = num[k:k + keep].copy(), den[k:k + keep].copy()
+        num[keep:], den[keep:] = 0.0, 0.0
+        carry = os.path.join(self.work, f"carry_{strip + 1}.npz")
+        tmp = carry + ".tmp.npz"
+        np.savez(tmp, num=num[:grid.overlap], den=den[:grid.overlap])
+        os.replace(tmp, carry)
+        atomic_json(os.path.join(self.work, "state.json"),
+                    {"signature": self.signature, "strips_done": strip + 1, "stats": [list(map(float, stats[0])),
+                                                                                       list(map(float, stats[1]))]})
+        old = os.path.join(self.work, f"carry_{strip}.npz")
+        if os.path.exists(old):
+            os.remove(old)
+
+    def _finish(self, partial: str, n_strips: int) -> None:
+        shards = [os.path.join(self.work, f"chips_{k:06d}.parquet") for k in range(n_strips)]
+        shards = [p for p in shards if os.path.isfile(p)]
+        if not shards:
+            raise ValueError(f"scene {self.scene.name}: no chip has a valid patch (no-data {self.reader.nodata}, "
+                             f"--min-valid {self.s.min_valid}); nothing to embed")
+        combine_shards(shards, self.table)
+        finalize_cog(partial, self.final_tif, self.s.compress)
+        atomic_json(self.done_marker, {"signature": self.signature, "finished": time.time(),
+                                       "settings": asdict(self.s)})
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_dir: str,
+                 settings: Optional[EmbedSettings] = None, device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Embed `scenes` into `output_dir` (skipping finished ones); returns paths and counts (rank 0)."""
+    settings = settings or EmbedSettings()
+    if settings.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {settings.precision!r}")
+    if settings.batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {settings.batch_size}")
+    if not 0.0 < settings.min_valid <= 1.0:
+        raise ValueError(f"min_valid must be in (0, 1], got {settings.min_valid}")
+    if not hasattr(model, "info"):
+        raise ValueError("the model must come from dinov2.load_model (it needs model.info)")
+    if not model.info.any_sensor:
+        raise ValueError(f"model {model.info.source!r} is an RGB DINOv2 backbone; embedding needs a Panopticon "
+                         "(any-sensor) model")
+    rank, world = _dist()
+    device = device or torch.device("cpu")
+    model = model.to(device).eval()
+    os.makedirs(os.path.join(output_dir, ".embed"), exist_ok=True)
+    done, tables, skipped = [], [], []
+    for scene in scenes:
+        emb = SceneEmbedder(scene, model, output_dir, settings, device)
+        finished = _broadcast(emb.is_done() if rank == 0 else None, world)
+        if finished:
+            skipped.append(scene.name)
+            logger.info("embed: %s already finished, skipped", scene.name)
+        else:
+            emb.run(rank, world)
+        emb.reader.close()
+        tables.append(emb.table)
+        done.append(emb.final_tif)
+    result: Dict[str, Any] = {"patches": done, "skipped": skipped, "chips": None, "n_chips": 0}
+    if rank == 0:
+        chips = os.path.join(output_dir, "chips.parquet")
+        result["n_chips"] = write_geoparquet(tables, chips)
+        result["chips"] = chips
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return result
+
+
+def embed(inputs, model="panopticon_vitb14", output_dir: str = "embeddings", sensor: Optional[str] = None,
+          bands: Optional[Sequence[str]] = None, wavelengths_nm: Optional[Sequence[float]] = None,
+          nodata: Optional[float] = None, device: Optional[str] = None, **settings) -> Dict[str, Any]:
+    """Python entry point: ``embed('scene.tif', model='panopticon_vitb14', output_dir='out', sensor=..., ...)``.
+
+    `inputs`: a path or list of paths (GeoTIFFs, folders, scenes YAMLs, STAC item JSONs); `model`: anything
+    `dinov2.load_model` takes, or a loaded model; `settings`: fields of `EmbedSettings`."""
+    from dinov2.distributed import get_device
+    from dinov2.hub import load_model
+
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    scenes = collect_scenes([str(p) for p in paths], sensor, bands, wavelengths_nm, nodata)
+    net = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    return embed_scenes(scenes, net, output_dir, EmbedSettings(**settings),
+                        torch.device(device) if device else get_device())

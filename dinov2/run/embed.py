@@ -1,0 +1,93 @@
+"""`panopticon embed`: georeferenced embeddings of GeoTIFF/COG scenes with any Panopticon model.
+
+Writes, in --output-dir, `<scene>_patches.tif` (Cloud-Optimised GeoTIFF, one band per embedding dimension, one
+pixel per model patch, the input's CRS) and `chips.parquet` (GeoParquet, one row per chip: footprint, WGS84 bbox,
+CLS and mean-pooled patch embeddings, source, sensor, bands, time). Re-running skips finished work.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Optional, Sequence
+
+EPILOG = """examples:
+  panopticon embed scenes.yaml --output-dir out/
+  panopticon embed S2_stack.tif --sensor sentinel2 --bands B02,B03,B04,B08 --output-dir out/
+  panopticon embed item.json --model runs/mine --chip-size 2240m --overlap 280m --output-dir out/
+  panopticon embed hyper.tif --wavelengths 450,550,650,850 --output-dir out/
+  torchrun --nproc_per_node 4 -m dinov2.run.embed scenes/ --sensor sentinel2 --bands B02,B03,B04 --output-dir out/
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="panopticon embed", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="GeoTIFF/COG files, folders of them, scenes YAMLs (as training uses; "
+                   "entries may give {file, wavelengths_nm}) or local STAC item JSONs (bands from eo:bands)")
+    p.add_argument("--output-dir", "-o", required=True, help="folder for <scene>_patches.tif and chips.parquet")
+    p.add_argument("--model", default="panopticon_vitb14", help="hub name (released weights), weights .pth, "
+                   "training run folder or checkpoint (default: %(default)s)")
+    p.add_argument("--random-init", action="store_true", help="hub models only: random weights instead of the "
+                   "release (for testing and timing without a download)")
+    p.add_argument("--sensor", help="registry sensor of plain GeoTIFF inputs (e.g. sentinel2)")
+    p.add_argument("--bands", help="comma-separated band keys/names of plain GeoTIFF inputs, in file order")
+    p.add_argument("--wavelengths", help="comma-separated centre wavelengths in nm of plain GeoTIFF inputs "
+                   "(sensors not in the registry)")
+    p.add_argument("--nodata", type=float, help="no-data value overriding the files' own")
+    p.add_argument("--chip-size", default="224", help="chip side in pixels ('224') or metres ('2240m'); a "
+                   "multiple of the patch size (default: %(default)s px)")
+    p.add_argument("--overlap", default="28", help="overlap of neighbouring chips, pixels or metres; blended "
+                   "with linear cross-fades (default: %(default)s px)")
+    p.add_argument("--batch-size", type=int, default=8, help="chips per forward pass (default: %(default)s)")
+    p.add_argument("--min-valid", type=float, default=0.5, help="a patch is embedded when at least this "
+                   "fraction of its pixels is valid; others are no-data (default: %(default)s)")
+    p.add_argument("--norm-stats", default="scene", help="'scene' (robust per-band stats of each scene, the "
+                   "default), a stats file (.yaml/.json) or 'dataset:<name>'")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (for GPUs)")
+    p.add_argument("--device", help="torch device (default: cuda:<local rank> when available, else cpu)")
+    p.add_argument("--compress", default="zstd", choices=("zstd", "deflate", "lzw", "none"),
+                   help="COG compression (default: %(default)s; deflate for the oldest GDAL readers)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _floats(text: Optional[str], what: str):
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    from dinov2 import distributed
+    from dinov2.hub import load_model
+    from dinov2.inference.embed import EmbedSettings, embed_scenes
+    from dinov2.inference.sources import collect_scenes
+
+    distributed.enable(overwrite=True)
+    try:
+        bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
+        scenes = collect_scenes(args.inputs, args.sensor, bands, _floats(args.wavelengths, "--wavelengths"),
+                                args.nodata)
+        model = load_model(args.model, pretrained=not args.random_init)
+        device = torch.device(args.device) if args.device else distributed.get_device()
+        settings = EmbedSettings(chip_size=args.chip_size, overlap=args.overlap, batch_size=args.batch_size,
+                                 min_valid=args.min_valid, norm_stats=args.norm_stats, precision=args.precision,
+                                 compress=args.compress, progress=not args.no_progress)
+        result = embed_scenes(scenes, model, args.output_dir, settings, device)
+        if distributed.is_main_process():
+            print(f"embedded {len(scenes)} scene(s) ({len(result['skipped'])} already finished): "
+                  f"{', '.join(result['patches'])}; {result['n_chips']} chips in {result['chips']}")
+    finally:
+        distributed.disable()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
