@@ -4,7 +4,8 @@
   ``data`` + ``mask``, 150 bands, varying field sizes) and ``train_gt.csv`` (``sample_index, P, K, Mg, pH``);
   targets are affine in a per-field brightness factor, so they are predictable from the image.
 - ``write_chips``: GeoTIFF chips (UTM 32633, 10 m, chips on a regular ground grid) + a labels CSV.
-- ``write_label_scene``: a 4-band scene GeoTIFF and an aligned class-id GeoTIFF (class by 160 m blocks).
+- ``write_label_scene``: a 4-band scene GeoTIFF and an aligned class-id GeoTIFF (class by 160 m blocks, each class
+  with its own spectrum and 8 px texture).
 """
 from __future__ import annotations
 
@@ -95,7 +96,9 @@ def write_label_scene(root: Path, size: int = 128, res: float = 10.0, n_classes:
     blocks = rng.integers(n_classes, size=(size // 16, size // 16))
     cls = np.kron(blocks, np.ones((16, 16), dtype=np.int64))
     signature = rng.normal(size=(n_classes, 4)) * 3
-    img = signature[cls].transpose(2, 0, 1) + 0.1 * rng.normal(size=(4, size, size))
+    texture = rng.normal(size=(n_classes, 8, 8)) * 3  # a class pattern per 8 px cell (the test models' patch)
+    yy, xx = np.indices(cls.shape) % 8
+    img = signature[cls].transpose(2, 0, 1) + texture[cls, yy, xx][None] + 0.1 * rng.normal(size=(4, size, size))
     _write_tif(root / "scene.tif", (img * 100 + 1000).astype(np.float32), left, top, res)
     lres = label_res or res
     f = int(round(lres / res))

@@ -377,7 +377,8 @@ def run_segmentation_task(cfg, backbone, task_dir: Path, device: Optional[str]) 
     state = {"heads": probe.heads.state_dict(), "best_head": best, "num_classes": ncls,
              "n_last_blocks": probe.n_blocks, "ignore_index": probe.ignore_index, "img_size": img_size,
              "decoders": [str(d) for d in cfg.heads.decoders], "learning_rates": list(probe.lrs.values()),
-             "channels": int(cfg.heads.get("channels", 128))}
+             "channels": int(cfg.heads.get("channels", 128)),
+             "class_names": [str(c) for c in (cfg.task.get("class_names") or [])]}
     if finetune:
         state["backbone"] = vit.state_dict()
     torch.save(state, task_dir / "model_final.pth")

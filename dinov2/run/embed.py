@@ -19,21 +19,34 @@ EPILOG = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="panopticon embed", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_scene_arguments(p: argparse.ArgumentParser) -> None:
+    """Input scenes and their band description (shared by `embed` and `predict`)."""
     p.add_argument("inputs", nargs="+", help="GeoTIFF/COG files, folders of them, scenes YAMLs (as training uses; "
                    "entries may give {file, wavelengths_nm}) or local STAC item JSONs (bands from eo:bands)")
-    p.add_argument("--output-dir", "-o", required=True, help="folder for <scene>_patches.tif and chips.parquet")
-    p.add_argument("--model", default="panopticon_vitb14", help="hub name (released weights), weights .pth, "
-                   "training run folder or checkpoint (default: %(default)s)")
-    p.add_argument("--random-init", action="store_true", help="hub models only: random weights instead of the "
-                   "release (for testing and timing without a download)")
     p.add_argument("--sensor", help="registry sensor of plain GeoTIFF inputs (e.g. sentinel2)")
     p.add_argument("--bands", help="comma-separated band keys/names of plain GeoTIFF inputs, in file order")
     p.add_argument("--wavelengths", help="comma-separated centre wavelengths in nm of plain GeoTIFF inputs "
                    "(sensors not in the registry)")
     p.add_argument("--nodata", type=float, help="no-data value overriding the files' own")
+
+
+def scenes_from_args(args: argparse.Namespace):
+    """The scenes named by `add_scene_arguments` flags."""
+    from dinov2.inference.sources import collect_scenes
+
+    bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
+    return collect_scenes(args.inputs, args.sensor, bands, _floats(args.wavelengths, "--wavelengths"), args.nodata)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="panopticon embed", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_scene_arguments(p)
+    p.add_argument("--output-dir", "-o", required=True, help="folder for <scene>_patches.tif and chips.parquet")
+    p.add_argument("--model", default="panopticon_vitb14", help="hub name (released weights), weights .pth, "
+                   "training run folder or checkpoint (default: %(default)s)")
+    p.add_argument("--random-init", action="store_true", help="hub models only: random weights instead of the "
+                   "release (for testing and timing without a download)")
     p.add_argument("--chip-size", default="224", help="chip side in pixels ('224') or metres ('2240m'); a "
                    "multiple of the patch size (default: %(default)s px)")
     p.add_argument("--overlap", default="28", help="overlap of neighbouring chips, pixels or metres; blended "
@@ -68,13 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dinov2 import distributed
     from dinov2.hub import load_model
     from dinov2.inference.embed import EmbedSettings, embed_scenes
-    from dinov2.inference.sources import collect_scenes
-
     distributed.enable(overwrite=True)
     try:
-        bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
-        scenes = collect_scenes(args.inputs, args.sensor, bands, _floats(args.wavelengths, "--wavelengths"),
-                                args.nodata)
+        scenes = scenes_from_args(args)
         model = load_model(args.model, pretrained=not args.random_init)
         device = torch.device(args.device) if args.device else distributed.get_device()
         settings = EmbedSettings(chip_size=args.chip_size, overlap=args.overlap, batch_size=args.batch_size,
