@@ -25,6 +25,9 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "demo": ("dinov2.run.demo", "pretrain and evaluate a small model on two real scenes (about 10 min on CPU)"),
     "convert": ("dinov2.run.convert", "convert checkpoints to and from torchgeo's Panopticon (timm) layout"),
     "export": ("dinov2.run.export", "export a model to ONNX and/or a torch.export program (dynamic batch, bands)"),
+    "embed": ("dinov2.run.embed", "georeferenced embeddings of GeoTIFF/COG/STAC scenes (COG + GeoParquet)"),
+    "search": ("dinov2.run.search", "find the chips most similar to a chip or a point in a chips.parquet"),
+    "predict": ("dinov2.run.predict", "apply a trained segmentation head to scenes: class and probability COGs"),
 }
 
 EPILOG = """examples:
