@@ -42,7 +42,7 @@ def _unsupported(cfg) -> None:
 
 
 def _load_student_weights(backbone: nn.Module, entries) -> None:
-    """`student.pretrained_weights` entries (reference §5.2 format) applied to the student backbone."""
+    """`student.pretrained_weights` entries (path, checkpoint_key, include, exclude, prefix_map) applied to the student backbone."""
     from dinov2.utils.checkpoint import load_pretrained_weights
 
     if hasattr(entries, "_metadata"):  # OmegaConf container

@@ -5,7 +5,7 @@ import logging
 import os
 import re
 import tempfile
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -98,19 +98,26 @@ def load_pretrained_weights(
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """`torch.save` to a temp file in the same folder, then `os.replace`: readers never see a partial file."""
+def write_atomic(path: str, write: Callable[[str], None], suffix: str = "") -> str:
+    """Call `write(tmp_path)` for a temp file in `path`'s folder, fsync it, then `os.replace` it onto `path`:
+    readers never see a partial file, and concurrent writers of the same content simply replace each other."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return path
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """`torch.save` to a temp file in the same folder, then `os.replace`: readers never see a partial file."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), suffix=".pth")
