@@ -64,16 +64,23 @@ def _h5_tile_ids(h5_path: str) -> List[str]:
     """Tile id of every h5 row, from the `metadata` dataset (structured with a `tile_id` field, or strings)."""
     import h5py
 
+    from tqdm import tqdm
+
+    ids: List[str] = []
     with h5py.File(h5_path, "r") as f:
         if "metadata" not in f:
             raise ValueError(f"{h5_path}: no 'metadata' dataset (have {sorted(f.keys())}); is this an MMEarth file?")
-        meta = f["metadata"][()]
-    if meta.dtype.names:
-        field = "tile_id" if "tile_id" in meta.dtype.names else meta.dtype.names[0]
-        col = meta[field]
-    else:
-        col = meta[:, 0] if meta.ndim == 2 else meta
-    return [_text(v).strip() for v in col]
+        ds = f["metadata"]
+        block = 65536  # the release stores one row per chunk: read in blocks, with progress
+        for start in tqdm(range(0, ds.shape[0], block), desc="MMEarth h5 metadata", unit="block",
+                          disable=os.environ.get("PANOPTICON_NO_TQDM") == "1" or ds.shape[0] <= block):
+            meta = ds[start:start + block]
+            if meta.dtype.names:
+                col = meta["tile_id" if "tile_id" in meta.dtype.names else meta.dtype.names[0]]
+            else:
+                col = meta[:, 0] if meta.ndim == 2 else meta
+            ids += [_text(v).strip() for v in col]
+    return ids
 
 
 def build_metadata_table(base: str):
