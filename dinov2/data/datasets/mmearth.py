@@ -64,7 +64,11 @@ def _h5_tile_ids(h5_path: str) -> List[str]:
     """Tile id of every h5 row, from the `metadata` dataset (structured with a `tile_id` field, or strings)."""
     import h5py
 
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the train/eval extras; without it, no progress bar
+        def tqdm(it, **_kw):
+            return it
 
     ids: List[str] = []
     with h5py.File(h5_path, "r") as f:
