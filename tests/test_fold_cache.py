@@ -129,6 +129,23 @@ def test_frozen_cache_is_opt_in_and_invalidated(monkeypatch):
     out.sum().backward()
     assert pe.chnfus.xattn.inproj_k.weight.grad is not None and pe.chnfus.query.grad.abs().sum() > 0
 
+    # filled under inference_mode, still usable by a later no-grad call outside it
+    pe.unfreeze_fused_cache().freeze_fused_cache()
+    with torch.inference_mode():
+        a = run(pe, x, "fused")
+    with torch.no_grad():
+        b = run(pe, x, "fused")
+    assert torch.equal(a, b)
+    # ... and by a pass that differentiates w.r.t. the input of a frozen model (e.g. saliency maps)
+    for p in pe.parameters():
+        p.requires_grad_(False)
+    xg = dict(x, imgs=x["imgs"].clone().requires_grad_(True))
+    n = len(calls)
+    run(pe, xg, "fused").sum().backward()
+    assert len(calls) == n and torch.isfinite(xg["imgs"].grad).all() and xg["imgs"].grad.abs().sum() > 0
+    for p in pe.parameters():
+        p.requires_grad_(True)
+
     pe.train()  # back to training ends frozen mode
     assert not pe.fused_cache_frozen
 

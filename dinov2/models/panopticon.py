@@ -205,7 +205,9 @@ class PanopticonPE(nn.Module):
             return self._compute_folded()  # a cached tensor would cut the gradient to the parameters
         key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self._fold_params())
         if self._fold_cache is None or self._fold_cache[0] != key:
-            self._fold_cache = (key, tuple(t.detach() for t in self._compute_folded()))
+            # plain tensors (not inference tensors), so the cache also serves calls outside inference_mode
+            with torch.inference_mode(False), torch.no_grad():
+                self._fold_cache = (key, self._compute_folded())
         return self._fold_cache[1]
 
     # ----------------------------------------------------------------------------------- opt-in fold cache
