@@ -67,6 +67,8 @@ def worker(case: dict) -> dict:
     else:
         model = hubconf.panopticon_vitb14(pretrained=False).to(device).eval()
         model.patch_embed.impl = case["impl"]
+        if case["impl"] == "fused" and case.get("fold_cache", True):
+            model.patch_embed.freeze_fused_cache()  # inference opt-in: the folded weights are computed once
         ids = torch.linspace(400, 2500, C) if C > len(S2_IDS) else torch.tensor(S2_IDS[:C], dtype=torch.float32)
         x = {"imgs": torch.randn(B, C, S, S, device=device), "chn_ids": ids.repeat(B, 1).to(device)}
         target = model.patch_embed if case["target"] == "embedding" else model
@@ -77,7 +79,7 @@ def worker(case: dict) -> dict:
             torch.cuda.synchronize()
 
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        fn()  # warm-up (also fills the inference cache of folded weights)
+        fn()  # warm-up (with --fold-cache also fills the frozen cache of folded weights)
         sync()
         if case.get("measure") == "memory":
             if device.type == "cuda":
@@ -125,6 +127,9 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--targets", nargs="+", default=["embedding", "model"], choices=["embedding", "model"])
+    p.add_argument("--no-fold-cache", dest="fold_cache", action="store_false",
+                   help="fused path without freeze_fused_cache(): the folded weights are recomputed every call "
+                        "(the default outside an explicit inference opt-in)")
     p.add_argument("--json-out", default=None,
                    help="where to store the rows (default benchmarks/results/pe_throughput_<device>.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -136,11 +141,13 @@ def main() -> None:
     rows = []
     header = f"{'target':<10} {'B':>3} {'C':>4} {'fused img/s':>12} {'ref img/s':>10} {'speedup':>8} " \
              f"{'fused MB':>9} {'ref MB':>9} {'mem x':>6}"
-    print(f"device={args.device} dtype={args.dtype} size={args.size} repeats={args.repeats}")
+    print(f"device={args.device} dtype={args.dtype} size={args.size} repeats={args.repeats} "
+          f"fold_cache={args.fold_cache}")
     print(header)
     print("-" * len(header))
     for B in args.batch_sizes:
-        base = dict(batch=B, size=args.size, device=args.device, dtype=args.dtype, repeats=args.repeats)
+        base = dict(batch=B, size=args.size, device=args.device, dtype=args.dtype, repeats=args.repeats,
+                    fold_cache=args.fold_cache)
         for target in args.targets:
             for C in args.channels:
                 res = {impl: run_case({**base, "target": target, "channels": C, "impl": impl})

@@ -69,14 +69,22 @@ def write_fmow(root: str, n_footprints: int = 3, size: int = 40, seed: int = 0,
 MMEARTH_S2_ORDER = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8A", "B8", "B9", "B10", "B11", "B12"]
 
 
-def write_mmearth(root: str, n: int = 4, tile: int = 16, name: str = "data_1M_v001", seed: int = 0) -> Dict:
-    """MMEarth `<base>/<name>.h5` (datasets `sentinel2` (N,13,T,T), `sentinel1` (N,8,T,T)), `<name>.parquet`
-    (hf5_idx, split, sensor list, s2_type) and `<name>_band_stats.json`. S2 channel c holds the constant
-    100*(c+1) + noise so band order is checkable; sample 0 has S2 no-data (0) in a corner; S1 HH/HV are -inf
-    (not acquired), and sample 3 lacks sentinel1 (dropped by the reader)."""
+def write_mmearth(root: str, n: int = 4, tile: int = 16, name: str = "data_1M_v001", seed: int = 0,
+                  layout: str = "parquet") -> Dict:
+    """MMEarth `<base>/<name>.h5` (datasets `sentinel2` (N,13,T,T), `sentinel1` (N,8,T,T)) and
+    `<name>_band_stats.json`, plus the row metadata:
+    - `layout="parquet"`: `<name>.parquet` (hf5_idx, split, sensor list, s2_type) as the published code shipped it;
+    - `layout="released"`: exactly the public MMEarth download -- no parquet; the h5 also holds `metadata`
+      (compound `tile_id`/`S2_type` bytes), `month`, `lat`, `lon`; `<name>_tile_info.json` ({tile_id: {S2_type,
+      BANDS, lat, lon, S2_DATE}}) and `<name>_splits.json` ({train, val, test}: shuffled h5 indices: train
+      0..n-3, val n-2, test n-1). S2 is uint16 there, and the l2a row has its B10 channel filled with 0.
+    S2 channel c holds the constant 100*(c+1) + noise so band order is checkable; sample 0 has S2 no-data (0) in a
+    corner; S1 HH/HV are -inf (not acquired); sample 1 is l2a, the others l1c; sample n-1 lacks sentinel1."""
     import h5py
     import pandas as pd
 
+    if layout not in ("parquet", "released"):
+        raise ValueError(f"layout must be 'parquet' or 'released', got {layout!r}")
     base = os.path.join(root, "mmearth", name)
     os.makedirs(base, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -85,24 +93,58 @@ def write_mmearth(root: str, n: int = 4, tile: int = 16, name: str = "data_1M_v0
     s2[0, :, :4, :4] = 0.0
     s1 = rng.normal(-12, 3, (n, 8, tile, tile)).astype(np.float32)
     s1[:, [2, 3, 6, 7]] = -np.inf
+    s2_types = ["l1c", "l2a"] + ["l1c"] * (n - 2)
+    released = layout == "released"
+    if released:
+        s2 = np.round(s2).astype(np.uint16)
+        s2[1, 10] = 0  # l2a products have no B10: the release stores zeros (= no-data)
+        s1[n - 1] = -np.inf  # no S1 acquisition for the last tile
+    tile_ids = [f"{i:04d}_tile_{31 + i}N_{7 + i}E" for i in range(n)]
     with h5py.File(os.path.join(base, f"{name}.h5"), "w") as f:
-        f.create_dataset("sentinel2", data=s2, chunks=(1, 13, tile, tile))
-        f.create_dataset("sentinel1", data=s1, chunks=(1, 8, tile, tile))
-    meta = pd.DataFrame({
-        "hf5_idx": np.arange(n),
-        "split": ["train"] * (n - 1) + ["eval"],
-        "sensor": [["sentinel2", "sentinel1_asc", "sentinel1_desc"]] * (n - 1) + [["sentinel2"]],
-        "s2_type": ["l1c", "l2a"] + ["l1c"] * (n - 2),
-    })
-    meta.to_parquet(os.path.join(base, f"{name}.parquet"))
+        f.create_dataset("sentinel2", data=s2, chunks=(1, 13, tile, tile), compression="gzip" if released else None)
+        f.create_dataset("sentinel1", data=s1, chunks=(1, 8, tile, tile), compression="gzip" if released else None)
+        if released:
+            meta = np.array(list(zip(tile_ids, s2_types)), dtype=[("tile_id", "S100"), ("S2_type", "S10")])
+            f.create_dataset("metadata", data=meta, chunks=(1,), compression="gzip")
+            month = np.array([[np.sin(2 * np.pi * m / 12), np.cos(2 * np.pi * m / 12)] for m in range(1, n + 1)])
+            f.create_dataset("month", data=month.astype(np.float32), chunks=(1, 2))
+            for key in ("lat", "lon"):
+                f.create_dataset(key, data=rng.uniform(-1, 1, (n, 2)).astype(np.float32), chunks=(1, 2))
+    has_s1 = [True] * (n - 1) + [False]
+    if released:
+        s2_bands = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12", "QA60"]
+        tile_info = {
+            tid: {"S2_type": s2_types[i], "S2_DATE": f"2019-{i % 12 + 1:02d}-15", "lat": 31.0 + i, "lon": 7.0 + i,
+                  "BANDS": {"sentinel2": [b for b in s2_bands if not (s2_types[i] == "l2a" and b == "B10")],
+                            "sentinel1_asc": ["VV", "VH"] if has_s1[i] else None,
+                            "sentinel1_desc": ["VV", "VH"] if has_s1[i] else None,
+                            "aster": ["elevation", "slope"], "dynamic_world": ["label"],
+                            "canopy_height_eth": ["height", "std"], "esa_worldcover": ["Map"]}}
+            for i, tid in enumerate(tile_ids)}
+        with open(os.path.join(base, f"{name}_tile_info.json"), "w") as fh:
+            json.dump(tile_info, fh)
+        train = list(rng.permutation(n - 2).tolist())
+        with open(os.path.join(base, f"{name}_splits.json"), "w") as fh:
+            json.dump({"train": train, "val": [n - 2], "test": [n - 1]}, fh)
+    else:
+        meta = pd.DataFrame({
+            "hf5_idx": np.arange(n),
+            "split": ["train"] * (n - 1) + ["eval"],
+            "sensor": [["sentinel2", "sentinel1_asc", "sentinel1_desc"] if s else ["sentinel2"] for s in has_s1],
+            "s2_type": s2_types,
+        })
+        meta.to_parquet(os.path.join(base, f"{name}.parquet"))
     stats = {
         "sentinel2_l1c": {"mean": [100.0 * (c + 1) for c in range(13)], "std": [5.0] * 13},
         "sentinel2_l2a": {"mean": [100.0 * (c + 1) - 50 for c in range(13)], "std": [10.0] * 13},
         "sentinel1": {"mean": [-12.0] * 8, "std": [3.0] * 8},
     }
+    if released:
+        for v in stats.values():
+            v["min"], v["max"] = [0.0] * len(v["mean"]), [10000.0] * len(v["mean"])
     with open(os.path.join(base, f"{name}_band_stats.json"), "w") as fh:
         json.dump(stats, fh)
-    return {"base": base, "s2": s2, "s1": s1, "stats": stats}
+    return {"base": base, "s2": s2, "s1": s1, "stats": stats, "tile_ids": tile_ids, "s2_types": s2_types}
 
 
 SATLAS_META = "satlas/metadata_v2/satlas_iwm_onid_3sensors_all_clean.parquet"

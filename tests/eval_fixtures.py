@@ -277,3 +277,21 @@ def write_eurosat_sar(root: Path, n_per_split: Dict[str, int], classes: Sequence
             rows.append({"filepath": rel, "class_name": classes[ci]})
         pd.DataFrame(rows).to_csv(Path(root) / f"{split}.csv", index=False)
     return Path(root)
+
+
+def write_eurosat_sar_release(root: Path, per_class: Dict[str, int], size: int = 8, seed: int = 0) -> Dict[str, list]:
+    """The EuroSAT-SAR download as released: only ``<root>/<Class>/<Class>_<n>.tif`` (2-band float32 VV, VH in dB),
+    no split files. Returns {class: [relative paths]}."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    out: Dict[str, list] = {}
+    for cls, count in per_class.items():
+        (Path(root) / cls).mkdir(parents=True, exist_ok=True)
+        out[cls] = []
+        for n in range(1, count + 1):
+            rel = f"{cls}/{cls}_{n}.tif"
+            img = np.stack([-11.6 + 6 * rng.normal(size=(size, size)), -18.5 + 6 * rng.normal(size=(size, size))], -1)
+            tifffile.imwrite(Path(root) / rel, img.astype(np.float32), photometric="minisblack", planarconfig="contig")
+            out[cls].append(rel)
+    return out

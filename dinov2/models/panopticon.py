@@ -11,11 +11,13 @@ Two computations of the same function share one set of parameters and the publis
 - ``impl='fused'`` (default) uses that everything but the softmax is linear and the query is a parameter, so the
   key projection folds into a per-head P*P filter and the value projection is applied after channel pooling
   (derivation in docs/patch_embedding.md). The folded products are formed in fp32, also under
-  autocast, and gradients flow to every original parameter.
+  autocast, and gradients flow to every original parameter. The folded products are recomputed on every
+  call unless inference code opts into reusing them (`freeze_fused_cache()` / `frozen_fused_cache(model)`).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,8 @@ class PanopticonPE(nn.Module):
         self.conv3d = Conv3dWrapper(attn_dim, self.patch_size)
         self.chnfus = ChnAttn(attn_dim, **dict(chnfus_cfg or {}))
         self.proj = nn.Linear(attn_dim, embed_dim)
+        self._fold_frozen = False
+        self._fold_cache: Optional[Tuple[tuple, Tuple[torch.Tensor, ...]]] = None
 
     @property
     def impl(self) -> str:
@@ -171,29 +175,78 @@ class PanopticonPE(nn.Module):
         shape = mu.shape
         return beta[inverse].reshape(*shape, -1), z[inverse].reshape(*shape, xattn.num_heads, xattn.head_dim)
 
-    def _folded_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """u_h = Wk_h^T q_h (H, A); kappa_h = scale * Wc^T u_h (H, P*P); M_h = Wv_h Wc (H, d, P*P), in fp32.
-
-        Cached while no gradient is needed (inference); the cache key includes every parameter's version
-        counter, so optimizer steps and `load_state_dict` invalidate it.
-        """
+    def _fold_params(self) -> Tuple[torch.Tensor, ...]:
         xattn = self.chnfus.xattn
-        params = (self.conv3d.conv3d.weight, xattn.inproj_k.weight, xattn.inproj_v.weight, self.chnfus.query)
-        # tracing (export/compile) sees fake tensors without data pointers: never cache there
-        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) and not is_tracing()
-        key = tuple((p.data_ptr(), p._version, p.device) for p in params) if cacheable else None
-        cached = getattr(self, "_fold_cache", None)
-        if cacheable and cached is not None and cached[0] == key:
-            return cached[1]
+        return (self.conv3d.conv3d.weight, xattn.inproj_k.weight, xattn.inproj_v.weight, self.chnfus.query)
+
+    def _compute_folded(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xattn = self.chnfus.xattn
         H, d, A, P = xattn.num_heads, xattn.head_dim, self.attn_dim, self.patch_size
         wc = self.conv3d.conv3d.weight.float().reshape(A, P * P)
         q = self.chnfus.query.float().reshape(H, d)
         u = torch.einsum("hd,hda->ha", q, xattn.inproj_k.weight.float().reshape(H, d, A))
         kappa = (u @ wc) * xattn.scale
         m = torch.einsum("hda,ap->hdp", xattn.inproj_v.weight.float().reshape(H, d, A), wc)
-        folded = (u, kappa, m)
-        self._fold_cache = (key, folded) if cacheable else None
-        return folded
+        return u, kappa, m
+
+    def _folded_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u_h = Wk_h^T q_h (H, A); kappa_h = scale * Wc^T u_h (H, P*P); M_h = Wv_h Wc (H, d, P*P), in fp32.
+
+        Recomputed on every forward pass (about 1 GFLOP at ViT-B, small next to the embedding itself): no
+        implicit cache can tell reliably that the weights are unchanged -- `.data` updates (a common EMA idiom)
+        and FSDP2's refill of unsharded parameters do not bump version counters, and a freed parameter's address
+        can be reused by a new one. Reuse across calls happens only after an explicit `freeze_fused_cache()`.
+        """
+        if not self._fold_frozen or is_tracing():  # tracing sees fake tensors without data pointers
+            return self._compute_folded()
+        if self.training:
+            raise RuntimeError("PanopticonPE.freeze_fused_cache() is for inference: the module is in training "
+                               "mode (call .eval() before freezing)")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._fold_params()):
+            return self._compute_folded()  # a cached tensor would cut the gradient to the parameters
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self._fold_params())
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            # plain tensors (not inference tensors), so the cache also serves calls outside inference_mode
+            with torch.inference_mode(False), torch.no_grad():
+                self._fold_cache = (key, self._compute_folded())
+        return self._fold_cache[1]
+
+    # ----------------------------------------------------------------------------------- opt-in fold cache
+    def freeze_fused_cache(self) -> "PanopticonPE":
+        """Reuse the folded weights across forward passes until `unfreeze_fused_cache()` (inference only).
+
+        The caller promises not to change the parameters while frozen. The cache is dropped by `train()`/`eval()`
+        (`train(True)` also ends frozen mode), by `load_state_dict` and by `.to()`/`.half()`-style moves; a
+        forward pass that needs gradients recomputes. Returns self."""
+        if self.training:
+            raise RuntimeError("freeze_fused_cache() needs eval mode (call .eval() first)")
+        self._fold_frozen = True
+        self._fold_cache = None
+        return self
+
+    def unfreeze_fused_cache(self) -> "PanopticonPE":
+        """Back to recomputing the folded weights on every forward pass (the default). Returns self."""
+        self._fold_frozen = False
+        self._fold_cache = None
+        return self
+
+    @property
+    def fused_cache_frozen(self) -> bool:
+        return self._fold_frozen
+
+    def train(self, mode: bool = True) -> "PanopticonPE":
+        self._fold_cache = None
+        if mode:
+            self._fold_frozen = False
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fold_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._fold_cache = None  # called for this module whenever a parent loads a state dict
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _rows_per_chunk(self, B: int, C: int, w: int) -> int:
         """Patch rows per chunk so that one chunk of rearranged patches is about CHUNK_BYTES."""
@@ -237,3 +290,17 @@ class PanopticonPE(nn.Module):
             if self.chnfus.layer_norm is not None:
                 out = self.chnfus.layer_norm(out)
         return out.to(imgs.dtype)
+
+
+@contextmanager
+def frozen_fused_cache(model: nn.Module) -> Iterator[nn.Module]:
+    """Inference context: every `PanopticonPE` in `model` (which must be in eval mode) computes its folded
+    weights once and reuses them; on exit they go back to recomputing. Do not update parameters inside."""
+    pes = [m for m in model.modules() if isinstance(m, PanopticonPE)]
+    for m in pes:
+        m.freeze_fused_cache()
+    try:
+        yield model
+    finally:
+        for m in pes:
+            m.unfreeze_fused_cache()

@@ -21,7 +21,7 @@ from torch import nn
 
 from dinov2 import distributed
 from dinov2 import fsdp as dp
-from dinov2.utils.checkpoint import save_atomic
+from dinov2.utils.checkpoint import conform_state_dict, save_atomic
 from dinov2.utils.utils import get_rng_state, set_rng_state
 
 logger = logging.getLogger("dinov2")
@@ -144,7 +144,9 @@ class Checkpointer:
             if self.scaler is not None and ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
         else:
-            res = dp.load_full_state(self.model, ckpt["model"], strict=False)
+            # a starting point may be a training checkpoint of the published code (iBOT center (1, 1, K))
+            sd = conform_state_dict(ckpt["model"], self.model.state_dict(), path)
+            res = dp.load_full_state(self.model, sd, strict=False)
             missing, unexpected = (res.missing_keys, res.unexpected_keys) if res is not None else ([], [])
             if missing or unexpected:
                 logger.warning("loaded %s: %d missing keys %s, %d unexpected keys %s", path, len(missing),

@@ -257,7 +257,14 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA: teacher <- m * teacher + (1 - m) * student, parameter by parameter (local shards under FSDP)."""
+        """EMA: teacher <- m * teacher + (1 - m) * student, parameter by parameter (local shards under FSDP).
+
+        Gradient accumulation (k = `gradient_accumulation_steps`) differs from the published loop on purpose: that
+        loop divides the loss by k and steps the optimizer every k-th micro-batch, each micro-batch being an
+        iteration of its schedules. Here one iteration is one optimizer step over k micro-batches: the schedules
+        (lr, wd, momentum, teacher temperature) advance once per step and this EMA runs once per step, after it,
+        with that step's momentum (an EMA after every micro-batch would pull the teacher k times towards the same
+        student weights, i.e. momentum m^k per step). The teacher centers are updated per micro-batch."""
         for k in self.student.keys():
             s = [dp.local_tensor(p.detach()) for p in self.student[k].parameters()]
             t = [dp.local_tensor(p.detach()) for p in self.teacher[k].parameters()]

@@ -5,7 +5,7 @@ import logging
 import os
 import re
 import tempfile
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -79,13 +79,46 @@ def select_state_dict(
     return out
 
 
+def conform_state_dict(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+                       source: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """Fit a checkpoint's tensors to this code's shapes where only the layout differs, else raise.
+
+    Training checkpoints of the published code store the iBOT center as (1, 1, K); here every loss center is
+    (1, K). A `*center` buffer with the same number of elements is reshaped; any other shape mismatch raises
+    ValueError naming the keys and shapes. Keys the model does not have are passed through unchanged."""
+    out: Dict[str, torch.Tensor] = {}
+    errors = []
+    for k, v in state_dict.items():
+        if k in own and torch.is_tensor(v) and tuple(own[k].shape) != tuple(v.shape):
+            if k.rsplit(".", 1)[-1] == "center" and v.numel() == own[k].numel():
+                v = v.reshape(own[k].shape)
+            else:
+                errors.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+        out[k] = v
+    if errors:
+        raise ValueError(f"shape mismatch loading {source}: {'; '.join(errors[:5])}"
+                         + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""))
+    return out
+
+
+def _prefix_hint(keys: Iterable[str]) -> str:
+    heads = sorted({k.split(".", 2)[0] + "." + k.split(".", 2)[1] + "." for k in keys if k.count(".") >= 2})
+    heads = [h for h in heads if h.startswith(("student.", "teacher."))]
+    if not heads:
+        return ""
+    return (f"; it looks like a training checkpoint (prefixes {heads[:4]}): select a part with e.g. "
+            f"prefix_map: {{'{heads[0]}': ''}}")
+
+
 def load_pretrained_weights(
     model: nn.Module, cfg_list: Iterable[Mapping[str, Any]], checkpoint_key: Optional[str] = "model"
 ) -> Tuple[List[str], List[str]]:
     """Merge the selected parts of several checkpoints and load them non-strictly.
 
-    Each entry: `path` (file or URL), optional `checkpoint_key`, `include`, `exclude`, `prefix_map`.
-    Returns (missing_keys, unexpected_keys); an entry that selects no key at all raises ValueError.
+    Each entry: `path` (file or URL), optional `checkpoint_key`, `include`, `exclude` (comma-separated regexes),
+    `prefix_map` ({old prefix: new prefix}; only keys with one of the old prefixes are kept). Training checkpoints
+    of the published code load as they are (see `conform_state_dict`). Returns (missing_keys, unexpected_keys); an
+    entry that selects no key, or selections of which no key belongs to `model`, raise ValueError.
     """
     merged: Dict[str, torch.Tensor] = {}
     for entry in cfg_list:
@@ -106,29 +139,36 @@ def load_pretrained_weights(
             )
         merged.update(selected)
     own = model.state_dict()
-    shape_errors = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                    for k, v in merged.items() if k in own and own[k].shape != v.shape]
-    if shape_errors:
-        raise ValueError(f"shape mismatch loading pretrained weights: {shape_errors[:5]}")
+    if merged and not any(k in own for k in merged):
+        raise ValueError(f"pretrained_weights: none of the {len(merged)} selected keys (e.g. {list(merged)[:3]}) is a "
+                         f"key of the model (e.g. {list(own)[:3]}){_prefix_hint(merged)}")
+    merged = conform_state_dict(merged, own, "pretrained weights")
     result = model.load_state_dict(merged, strict=False)
     logger.info("loaded %d pretrained tensors; missing %d, unexpected %d", len(merged), len(result.missing_keys),
                 len(result.unexpected_keys))
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """`torch.save` to a temp file in the same folder, then `os.replace`: readers never see a partial file."""
+def write_atomic(path: str, write: Callable[[str], None], suffix: str = "") -> str:
+    """Call `write(tmp_path)` for a temp file in `path`'s folder, fsync it, then `os.replace` it onto `path`:
+    readers never see a partial file, and concurrent writers of the same content simply replace each other."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return path
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """`torch.save` to a temp file in the same folder, then `os.replace`: readers never see a partial file."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), suffix=".pth")

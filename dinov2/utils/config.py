@@ -132,7 +132,9 @@ def load_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()
 def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
     """Apply `optim.scaling_rule` (comma list): `sqrt_wrt_1024` / `linear_wrt_256` set `optim.lr` from
     `optim.base_lr` and the total batch (per-GPU x world x grad accumulation); `min_lr=lr` makes the lr constant;
-    `find_lr` freezes every schedule at its start value. Without a batch rule `lr = base_lr`."""
+    `find_lr` freezes every schedule at its start value (lr at `lr` without warm-up, weight decay at
+    `weight_decay`, teacher momentum at `momentum_teacher`, teacher temperature at `warmup_teacher_temp`).
+    Without a batch rule `lr = base_lr`."""
     rules = [r.strip() for r in str(cfg.optim.get("scaling_rule") or "").split(",") if r.strip()]
     accum = int(cfg.get("gradient_accumulation_steps", 1) or 1)
     total_bsz = int(cfg.train.batch_size_per_gpu) * world_size * accum
@@ -157,7 +159,8 @@ def apply_scaling_rules(cfg: DictConfig, world_size: int) -> DictConfig:
         cfg.optim.warmup_epochs = 0
         cfg.optim.weight_decay_end = cfg.optim.weight_decay
         cfg.teacher.final_momentum_teacher = cfg.teacher.momentum_teacher
-        cfg.teacher.warmup_teacher_temp = cfg.teacher.teacher_temp
+        # the teacher temperature stays at the value its schedule starts from (warmup_teacher_temp)
+        cfg.teacher.teacher_temp = cfg.teacher.warmup_teacher_temp
     logger.info("scaling rules %s: total batch %d -> lr %.3g", rules, total_bsz, cfg.optim.lr)
     return cfg
 

