@@ -18,7 +18,7 @@ EPILOG = """examples:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prepare_data", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="dataset", required=True, metavar="{mmearth,eurosat-sar}")
 
