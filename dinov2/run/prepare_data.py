@@ -20,7 +20,8 @@ EPILOG = """examples:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="dataset", required=True, metavar="{mmearth,eurosat-sar}")
+    sub = p.add_subparsers(dest="dataset", required=True, metavar="{mmearth,eurosat-sar}",
+                           help="the dataset to prepare (each has its own --help)")
 
     mm = sub.add_parser(
         "mmearth", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
