@@ -119,7 +119,7 @@ def test_eval_overrides_split_and_typed():
     assert ov == {"optim.dl.batch_size": 64, "test_dataset.scenes": "/data/s.yaml", "optim.lr": 0.001,
                   "heads.nb_knn": [1, 5], "task.flag": False}
     assert parse_value("abc") == "abc" and parse_value("2.5") == 2.5
-    with pytest.raises(ValueError, match="--optim.epochs has no value"):
+    with pytest.raises(ValueError, match="--optim.epochs needs a value"):
         split_overrides(["--optim.epochs"])
 
 

@@ -12,7 +12,7 @@ from seg_fixtures import write_geobench_segmentation
 from test_eval_engine import make_run, read_csv, write_task
 
 from dinov2.eval.dense_heads import build_dense_head
-from dinov2.eval.eval import main
+from dinov2.eval.eval import EvalTaskError, main
 from dinov2.eval.segmentation import DenseCollate, SegMetrics
 from dinov2.eval.tasks import build_task_cfg, eval_config_root
 
@@ -169,7 +169,7 @@ def test_finetuning_changes_backbone_but_not_the_evaluated_model(seg_world, monk
 def test_finetuning_needs_one_head(seg_world, monkeypatch, tmp_path):
     monkeypatch.setenv("GEO_BENCH_DIR", str(seg_world["root"] / "geobench"))
     write_task(tmp_path / "cfg", "ft2", seg_task(epochs=1, **{"optim.finetune": {"enabled": True}}))
-    with pytest.raises(ValueError, match="one decoder and one learning rate"):
+    with pytest.raises(EvalTaskError, match="one decoder and one learning rate"):
         main(str(seg_world["run"]), str(tmp_path / "cfg" / "ft2.yaml"), output_dir=str(tmp_path / "o"),
              device="cpu")
 
@@ -179,7 +179,7 @@ def test_dataset_transform_is_refused(seg_world, monkeypatch, tmp_path):
     cfg = seg_task(epochs=1)
     cfg["train_dataset"]["transform"] = [{"id": "Resize", "size": 16}]
     write_task(tmp_path / "cfg", "tr", cfg)
-    with pytest.raises(ValueError, match="take no 'transform'"):
+    with pytest.raises(EvalTaskError, match="take no 'transform'"):
         main(str(seg_world["run"]), str(tmp_path / "cfg" / "tr.yaml"), output_dir=str(tmp_path / "o"), device="cpu")
 
 

@@ -88,8 +88,10 @@ def test_lr_inf_stops_before_saving_and_resume_with_lower_lr_is_exact(tmp_path, 
     with pytest.raises(SimulatedKill):  # job ends while loading iteration 2: checkpoints 0, 1
         do_train(cfg, _model(cfg), dataset=tiny_dataset(kill_after=2 * 4))
     # resumed with lr = inf: the step of iteration 2 turns the weights non-finite; nothing of it is saved
-    cfg_inf = tiny_cfg(tmp_path, *EVERY_ITER, "optim.base_lr=inf")
-    assert cfg_inf.optim.lr == float("inf")
+    with pytest.raises(ValueError, match="optim.base_lr"):  # the config check refuses it as an override...
+        tiny_cfg(tmp_path, *EVERY_ITER, "optim.base_lr=inf")
+    cfg_inf = tiny_cfg(tmp_path, *EVERY_ITER)  # ...so an overflowing schedule is simulated after loading
+    cfg_inf.optim.lr = float("inf")
     with pytest.raises(TrainingDivergedError, match=r"non-finite weights in .* at iteration 2 .*stopped before "
                                                     r"saving\. Last good checkpoint: .*model_0000001\.pth"):
         do_train(cfg_inf, _model(cfg_inf), dataset=tiny_dataset())

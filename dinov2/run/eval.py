@@ -100,7 +100,7 @@ def split_overrides(argv: Sequence[str]) -> Tuple[list, Dict[str, Any]]:
             key, eq, value = dotted
             if not eq:
                 if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise ValueError(f"override --{key} has no value (write --{key}=VALUE)")
+                    raise ValueError(f"override --{key} needs a value (--{key}=VALUE)")
                 value, i = argv[i + 1], i + 1
             overrides[key] = parse_value(value)
         i += 1
