@@ -103,7 +103,8 @@ def plot_comparison(rows: Sequence[dict], path: Path) -> Path:
                               label="chance" if x == 0 else None)
             ax.set_xticks(range(len(sel)), [r["metric"] for r in sel])
             n = sel[0]["n"] if sel else None
-            ax.set_title(f"{task} (N = {n})" if j == 0 else "", fontsize=9, loc="left")
+            title = task if n is None else f"{task} (N = {n})"
+            ax.set_title(title if j == 0 else "", fontsize=9, loc="left")
             ax.set_ylabel(ylabel, fontsize=8)
             ax.margins(y=0.15)
             if i == 0 and j == 0:
