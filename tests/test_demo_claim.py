@@ -35,7 +35,7 @@ def test_training_beats_random_init_on_demo_retrieval(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread wastes no CPU on synchronisation
     try:
-        results = run_demo(str(tmp_path / "demo"), SHORT_RUN)
+        results = run_demo(str(tmp_path / "demo"), SHORT_RUN, dense=False)
     finally:
         torch.set_num_threads(threads)
     trained, random = results["trained"], results["random_init"]

@@ -81,8 +81,10 @@ def comparison_table(trained: Dict[str, Dict[str, float]], random: Dict[str, Dic
     return "\n".join(lines)
 
 
-def run_demo(output_dir: str, overrides: Sequence[str] = (), smoke: bool = False) -> Dict[str, Dict]:
-    """Train, build the random-init twin, evaluate both; returns {'trained': ..., 'random_init': ...} results."""
+def run_demo(output_dir: str, overrides: Sequence[str] = (), smoke: bool = False,
+             dense: bool = True) -> Dict[str, Dict]:
+    """Train, build the random-init twin, evaluate both; returns {'trained': ..., 'random_init': ...} results.
+    ``dense=False`` skips the segmentation task (retrieval only)."""
     from dinov2.eval.eval import main as eval_main
     from dinov2.run.demo_dense import DENSE_TASKS, write_dense_scenes
     from dinov2.train.train import main as train_main
@@ -102,9 +104,10 @@ def run_demo(output_dir: str, overrides: Sequence[str] = (), smoke: bool = False
     eval_overrides = {"test_dataset.scenes": str(scenes)}
     trained = eval_main(model_obj=str(run_dir), config_obj=str(DEMO_TASKS), overwrite=True, **eval_overrides)
     random = eval_main(model_obj=str(random_dir), config_obj=str(DEMO_TASKS), overwrite=True, **eval_overrides)
-    dense = {"_vars.scenes": str(write_dense_scenes(out)), **({"optim.epochs": 1} if smoke else {})}
-    trained.update(eval_main(model_obj=str(run_dir), config_obj=str(DENSE_TASKS), overwrite=True, **dense))
-    random.update(eval_main(model_obj=str(random_dir), config_obj=str(DENSE_TASKS), overwrite=True, **dense))
+    if dense:
+        ov = {"_vars.scenes": str(write_dense_scenes(out)), **({"optim.epochs": 1} if smoke else {})}
+        trained.update(eval_main(model_obj=str(run_dir), config_obj=str(DENSE_TASKS), overwrite=True, **ov))
+        random.update(eval_main(model_obj=str(random_dir), config_obj=str(DENSE_TASKS), overwrite=True, **ov))
     print("[demo] 3/3 results (retrieval: held-out eastern 20% of both scenes, chance = a random ranking of the N "
           "patches; segmentation: test blocks of the Sentinel-2 scene)\n", flush=True)
     print(comparison_table(trained, random))
