@@ -1,4 +1,4 @@
-"""Eval CLI options of reference §7.1: --log-file, --distribute=runs|models (the rank assignment as a pure
+"""Eval CLI options: --log-file, --distribute=runs|models (the rank assignment as a pure
 function), --barrier (wait for every results.csv)."""
 import json
 import os

@@ -139,7 +139,7 @@ def test_benv2_channel_order_and_labels(tmp_path):
     write_benv2(tmp_path, {"train": 2, "validation": 1, "test": 1}, vv=-10.0, vh=-20.0)
     s1 = BigEarthNetv2(str(tmp_path), split="train", bands="s1")
     x, y = s1[0]
-    assert x["chn_ids"].tolist() == [-1, -2]  # VV, VH — the published reader had the data as VH, VV (§9.7)
+    assert x["chn_ids"].tolist() == [-1, -2]  # VV, VH — the published reader had the data as VH, VV (docs/differences.md)
     vv_norm = (-10.0 - (-12.6439)) / 5.1335
     vh_norm = (-20.0 - (-19.3526)) / 5.5905
     assert torch.allclose(x["imgs"][0], torch.full((120, 120), vv_norm), atol=1e-4)

@@ -224,7 +224,7 @@ SHIPPED = sorted(p for p in (ROOT / "dinov2/configs/eval").rglob("*.yaml") if "d
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.relative_to(ROOT / "dinov2/configs/eval").as_posix() for p in SHIPPED])
 def test_shipped_task_configs_resolve(path):
     """Every shipped task names datasets, transforms and metrics that exist (published fault: configs naming
-    classes that do not exist), and linear tasks have a test set (published fault §9.11)."""
+    classes that do not exist), and linear tasks have a test set (a published fault, docs/differences.md)."""
     from dinov2.data import sensors
     from dinov2.data.augmentations import make_augmentation
     from dinov2.data.datasets import get_dataset_class
