@@ -12,10 +12,8 @@ from dinov2.eval.eval import main  # noqa: E402
 
 __all__ = ["main"]
 
-if __name__ == "__main__":
-    import logging
+if __name__ == "__main__":  # the same argparse front end as `python dinov2/eval/eval.py main ...`
+    from dinov2.run.cli import run_command
+    from dinov2.run.eval import main as cli_main
 
-    import fire
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    fire.Fire({"main": main})
+    sys.exit(run_command("eval", cli_main, sys.argv[1:], prog="dinov2/eval/main.py main"))
