@@ -112,6 +112,25 @@ def set_drop_path(vit: nn.Module, rate: float) -> None:
                 setattr(blk, name, DropPath(p) if p > 0 else nn.Identity())
 
 
+def backbone_param_groups(vit: nn.Module, base_lr: float, layer_decay: float, weight_decay: float) -> List[Dict]:
+    """Optimizer groups of a backbone being fine-tuned: layer-wise lr decay (the last block at ``base_lr``, each
+    earlier block ``layer_decay`` times less, embeddings least), no weight decay on biases / norms / gammas;
+    each group carries ``base_lr`` for the warm-up + cosine schedule."""
+    from dinov2.utils.param_groups import get_param_groups
+
+    named = [(f"backbone.{n}", p) for n, p in vit.named_parameters()]
+    out = []
+    for g in get_param_groups(named, int(vit.n_blocks), layer_decay):
+        lr = base_lr * g["lr_multiplier"]
+        out.append({"params": g["params"], "lr": lr, "base_lr": lr, "weight_decay": weight_decay * g["wd_multiplier"]})
+    return out
+
+
+def warmup_cosine(it: int, total: int, warmup: int) -> float:
+    """lr factor: linear warm-up over ``warmup`` iterations, then cosine to 0 at ``total``."""
+    return _warmup_cosine(it, total, warmup)
+
+
 def head_key(decoder: str, lr: float) -> str:
     return f"{decoder}_lr_{lr:.5f}".replace(".", "_")
 
@@ -188,13 +207,8 @@ class DenseProbe:
         groups = [{"params": list(h.parameters()), "lr": self.lrs[k], "base_lr": self.lrs[k], "weight_decay": wd}
                   for k, h in self.heads.items()]
         if self.finetune:
-            from dinov2.utils.param_groups import get_param_groups
-
-            base = float(self.ft_cfg.get("backbone_lr", 1e-4))
-            named = [(f"backbone.{n}", p) for n, p in self.vit.named_parameters()]
-            for g in get_param_groups(named, int(self.vit.n_blocks), float(self.ft_cfg.get("layer_decay", 0.75))):
-                lr = base * g["lr_multiplier"]
-                groups.append({"params": g["params"], "lr": lr, "base_lr": lr, "weight_decay": wd * g["wd_multiplier"]})
+            groups += backbone_param_groups(self.vit, float(self.ft_cfg.get("backbone_lr", 1e-4)),
+                                            float(self.ft_cfg.get("layer_decay", 0.75)), wd)
         return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
     def _forward(self, x: Dict[str, torch.Tensor], size: Tuple[int, int]) -> Dict[str, torch.Tensor]:

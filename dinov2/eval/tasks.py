@@ -187,31 +187,40 @@ def run_linear_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dic
         raise ValueError(f"Linear task {task_dir} has no test_datasets_list (results would be empty)")
     ncls = num_classes_of(train_ds, cfg)
     optim = cfg.get("optim", {})
-    feature_cache = bool(optim.get("feature_cache", False))
-    # val/test transforms are deterministic: their features are extracted once in both modes
-    val = _extract(backbone, val_ds, specs, cfg, device, "linear val")
-    tests = {}
-    for i, tcfg in enumerate(tests_cfg):
-        name = tcfg.get("display_name") or f"test{i}"
-        tests[name] = _extract(backbone, build_dataset(tcfg, seed), specs, cfg, device, f"linear {name}")
-    dl = _dl(cfg)
-    bs = dl["batch_size"]
-    iter_per_epoch = float(optim.get("iter_per_epoch", -1) or -1)
-    if iter_per_epoch <= 0:
-        iter_per_epoch = len(train_ds) / bs
-    period = optim.get("eval_period_iter") or int(max(1, float(optim.get("eval_period_epoch", 1)) * iter_per_epoch))
-    common = dict(num_classes=ncls, metrics=build_metrics(_plain(cfg.task.val_metrics)),
-                  learning_rates=[float(lr) for lr in cfg.heads.learning_rates], epochs=float(optim.get("epochs", 2)),
-                  batch_size=bs, multilabel=multilabel, criterion=(cfg.task.get("criterion_cfg") or {}).get("id"),
-                  eval_period_iter=int(period), seed=seed)
-    if feature_cache:
-        train = _extract(backbone, train_ds, specs, cfg, device, "linear train")
-        out = train_linear_probes(train, val, tests, device=str(resolve_device(device)), **common)
+    ft_cfg = _plain(optim.get("finetune")) or {}
+    if ft_cfg.get("enabled"):
+        out, tuned = _finetune_linear_task(cfg, backbone, train_ds, val_ds, tests_cfg, specs, ncls, multilabel,
+                                           device, seed, ft_cfg)
+        tests, protocol = out["test"], "fine-tuning (backbone trained with the head)"
     else:
-        out = train_linear_probes_online(backbone, train_ds, val, tests, feat_specs=specs,
-                                         num_workers=dl["num_workers"], device=device,
-                                         autocast_dtype=cfg.get("autocast_dtype", "auto"), **common)
-    protocol = "feature_cache (not the published protocol)" if feature_cache else "on-the-fly augmentation"
+        tuned = None
+        feature_cache = bool(optim.get("feature_cache", False))
+        # val/test transforms are deterministic: their features are extracted once in both modes
+        val = _extract(backbone, val_ds, specs, cfg, device, "linear val")
+        tests = {}
+        for i, tcfg in enumerate(tests_cfg):
+            name = tcfg.get("display_name") or f"test{i}"
+            tests[name] = _extract(backbone, build_dataset(tcfg, seed), specs, cfg, device, f"linear {name}")
+        dl = _dl(cfg)
+        bs = dl["batch_size"]
+        iter_per_epoch = float(optim.get("iter_per_epoch", -1) or -1)
+        if iter_per_epoch <= 0:
+            iter_per_epoch = len(train_ds) / bs
+        period = optim.get("eval_period_iter") or int(max(1, float(optim.get("eval_period_epoch", 1))
+                                                             * iter_per_epoch))
+        common = dict(num_classes=ncls, metrics=build_metrics(_plain(cfg.task.val_metrics)),
+                      learning_rates=[float(lr) for lr in cfg.heads.learning_rates],
+                      epochs=float(optim.get("epochs", 2)), batch_size=bs, multilabel=multilabel,
+                      criterion=(cfg.task.get("criterion_cfg") or {}).get("id"),
+                      eval_period_iter=int(period), seed=seed)
+        if feature_cache:
+            train = _extract(backbone, train_ds, specs, cfg, device, "linear train")
+            out = train_linear_probes(train, val, tests, device=str(resolve_device(device)), **common)
+        else:
+            out = train_linear_probes_online(backbone, train_ds, val, tests, feat_specs=specs,
+                                             num_workers=dl["num_workers"], device=device,
+                                             autocast_dtype=cfg.get("autocast_dtype", "auto"), **common)
+        protocol = "feature_cache (not the published protocol)" if feature_cache else "on-the-fly augmentation"
     best = out["best_classifier"]
     rows = []
     for name, vals in out["test"].items():
@@ -224,12 +233,39 @@ def run_linear_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dic
         "all_val": {h: {m: _pct(v) for m, v in vals.items()} for h, vals in out["all_val"].items()}})
     res.write_json(task_dir / "training_metrics.json", {"train_loss": out["train_loss"],
                                                          "val_curve": out["val_curve"]})
-    torch.save({"heads": out["heads"].state_dict(), "best_classifier": best}, task_dir / "model_final.pth")
+    state = {"heads": out["heads"].state_dict(), "best_classifier": best}
+    if tuned is not None:
+        state["backbone"] = tuned.backbone.state_dict()
+    torch.save(state, task_dir / "model_final.pth")
     res.write_task_csv(task_dir, rows)
     res.plot_task(task_dir / "plots.png", f"linear {task_dir.name} ({best})",
                   bars={m: v for m, v, _ in rows},
                   curves={"train loss": out["train_loss"], "val best " + next(iter(out["val"])): out["val_curve"]})
     return {m: v for m, v, _ in rows}
+
+
+def _finetune_linear_task(cfg, backbone, train_ds, val_ds, tests_cfg, specs, ncls, multilabel, device, seed,
+                          ft_cfg):
+    """Classification fine-tuning (``optim.finetune.enabled``); see ``dinov2.eval.finetune``."""
+    from dinov2.eval.finetune import evaluate_finetuned, finetune_classifier
+
+    lrs = [float(lr) for lr in cfg.heads.learning_rates]
+    if len(specs) != 1 or len(lrs) != 1:
+        raise ValueError(f"Fine-tuning trains the backbone with one head: set one n_last_blocks_list entry, one "
+                         f"pooling and one learning rate (got {specs} and learning_rates={lrs})")
+    optim = cfg.optim
+    ft = finetune_classifier(backbone, train_ds, specs[0], lrs[0], ncls, multilabel,
+                             (cfg.task.get("criterion_cfg") or {}).get("id"), float(optim.get("epochs", 2)),
+                             _dl(cfg)["batch_size"], ft_cfg, float(optim.get("warmup_epochs", 0) or 0),
+                             float(optim.get("weight_decay", 0.05) or 0.0), _dl(cfg)["num_workers"], seed, device,
+                             cfg.get("autocast_dtype", "auto"))
+    tuned = ft["backbone"]
+    val = _extract(tuned, val_ds, specs, cfg, device, "fine-tuned val")
+    tests = {}
+    for i, tcfg in enumerate(tests_cfg):
+        name = tcfg.get("display_name") or f"test{i}"
+        tests[name] = _extract(tuned, build_dataset(tcfg, seed), specs, cfg, device, f"fine-tuned {name}")
+    return evaluate_finetuned(ft, val, tests, build_metrics(_plain(cfg.task.val_metrics))), tuned
 
 
 def run_retrieval_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dict[str, float]:
