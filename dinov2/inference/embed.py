@@ -340,7 +340,10 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
             skipped.append(scene.name)
             logger.info("embed: %s already finished, skipped", scene.name)
         else:
-            emb.run(rank, world)
+            from dinov2.models.panopticon import frozen_fused_cache
+
+            with frozen_fused_cache(model):  # weights are fixed here: fold the patch embedding once per scene
+                emb.run(rank, world)
         emb.reader.close()
         tables.append(emb.table)
         done.append(emb.final_tif)

@@ -194,5 +194,8 @@ def predict_scenes(scenes: Sequence[SceneSource], backbone: nn.Module, head: Seg
             logger.info("skipping finished scene %s (%s)", scene.name, done)
             out.append({"classes": done})
             continue
-        out.append(predict_scene(scene, backbone, head, output_dir, settings, device))
+        from dinov2.models.panopticon import frozen_fused_cache
+
+        with frozen_fused_cache(backbone):  # weights are fixed here: fold the patch embedding once per scene
+            out.append(predict_scene(scene, backbone, head, output_dir, settings, device))
     return out
