@@ -61,3 +61,79 @@ def write_geobench_segmentation(root: Path, task: str, n_per_split: Dict[str, in
     stats = {n: {"mean": float(np.mean(a)), "std": float(np.std(a))} for n, a in sums.items()}
     (tdir / "band_stats.json").write_text(json.dumps(stats))
     return tdir
+
+
+NEON_HS_CHANNELS = 369
+
+
+def write_geobench_neontree(root: Path, n_per_split: Dict[str, int], size: int = 40, scale: int = 10,
+                            n_hs: int = NEON_HS_CHANNELS, seed: int = 0,
+                            bad_cube_sample: Optional[str] = None) -> Path:
+    """``<root>/segmentation_v1.0/m-NeonTree/`` as GEO-Bench's converter writes it: bands Red, Green, Blue (size^2,
+    0.1 m), "Canopy Height Model" (ElevationBand, (size/scale)^2 x 1) and "Neon" (HyperSpectralBands with
+    ``n_bands`` channels, stored (size/scale, size/scale, n_bands) at 1 m), a 2-class ``label`` mask and a
+    ``band_stats.json`` with one scalar entry per band name (the cube's entry pools all channels). Hyperspectral
+    channel k has its own offset (~200 k) and spread, so per-channel statistics differ from the pooled ones.
+    ``bad_cube_sample``: an extra test sample whose cube has one channel too few."""
+    tdir = Path(root) / "segmentation_v1.0" / "m-NeonTree"
+    tdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    small = size // scale
+    offsets = 200.0 * np.arange(n_hs) + 500.0
+    spreads = 20.0 + 5.0 * (np.arange(n_hs) % 7)
+    with fake_geobench() as gb:
+        ds, lb, tk = gb["geobench.dataset"], gb["geobench.label"], gb["geobench.task"]
+        rgb = [ds.SpectralBand(n, (n.lower(),), 0.1, w) for n, w in (("Red", 0.665), ("Green", 0.56),
+                                                                      ("Blue", 0.49))]
+        chm = ds.ElevationBand("Canopy Height Model", ("lidar", "CHM"), 0.1)
+        neon = ds.HyperSpectralBands("Neon", (), 1, n_hs, None)
+        infos = rgb + [chm, neon]
+        label_type = lb.SegmentationClasses("label", 2, ["no tree", "tree"])
+        specs = tk.TaskSpecifications("NeonTree_segmentation", "segmentation_v1.0", (size, size), 1, infos, None,
+                                      label_type, lb.Accuracy(), None, 0.1)
+        (tdir / "task_specs.pkl").write_bytes(pickle.dumps(specs))
+        partition: Dict[str, List[str]] = {}
+        pooled: Dict[str, List[np.ndarray]] = {"Red": [], "Green": [], "Blue": [], "Canopy Height Model": [],
+                                               "Neon": []}
+        names = [s for s, c in n_per_split.items() for _ in range(c)]
+        if bad_cube_sample:
+            names.append("bad")
+        for j, split in enumerate(names):
+            sname = bad_cube_sample if split == "bad" else f"id_{split}_{j:04d}"
+            partition.setdefault("test" if split == "bad" else split, []).append(sname)
+            mask = block_mask(rng, size, scale, 2)
+            trees = mask.reshape(small, scale, small, scale).mean((1, 3))  # tree fraction per 1 m pixel
+            bands = {n: (rng.normal(800, 60, (size, size)) + 300 * mask).astype(np.int16)
+                     for n in ("Red", "Green", "Blue")}
+            bands["Canopy Height Model"] = (rng.normal(2, 0.5, (small, small, 1)) + 15 * trees[..., None]) \
+                .astype(np.int16)
+            k = n_hs - 1 if split == "bad" else n_hs
+            cube = offsets[:k] + spreads[:k] * rng.normal(size=(small, small, k)) + 100 * trees[..., None]
+            bands["Neon"] = cube.astype(np.int16)
+            if split != "bad":  # band_stats.json covers the well-formed samples only
+                for n, a in bands.items():
+                    pooled[n].append(a.astype(np.float64).reshape(-1))
+            _write_multiband_sample(tdir / f"{sname}.hdf5", infos, bands, mask, ds)
+    (tdir / "default_partition.json").write_text(json.dumps(partition))
+    stats = {n: {"mean": float(np.mean(np.concatenate(a))), "std": float(np.std(np.concatenate(a)))}
+             for n, a in pooled.items()}
+    (tdir / "band_stats.json").write_text(json.dumps(stats))
+    return tdir
+
+
+def _write_multiband_sample(path: Path, infos, bands: Dict[str, np.ndarray], mask: np.ndarray, ds) -> None:
+    """One sample file as GEO-Bench's ``write_sample_hdf5`` lays it out (bands in task order, then ``label``)."""
+    import h5py
+    from datetime import date
+
+    attr = {}
+    with h5py.File(path, "w") as fp:
+        for info in infos:
+            fp.create_dataset(info.name, data=bands[info.name])
+            attr[info.name] = {"band_info": info, "date": date(2018, 7, 1), "spatial_resolution":
+                               info.spatial_resolution, "transform": None, "crs": None, "meta_info": None}
+        fp.create_dataset("label", data=mask)
+        attr["label"] = {"band_info": ds.Mask("label", (), 0.1), "date": None, "spatial_resolution": 0.1,
+                         "transform": None, "crs": None, "meta_info": None}
+        attr["bands_order"] = [i.name for i in infos] + ["label"]
+        fp.attrs["pickle"] = str(pickle.dumps(attr))

@@ -40,7 +40,8 @@ PUBLISHED = {
 ADDED = {"5min/m-eurosat_retrieval", "demo/retrieval_interleaved_bands", "demo/retrieval_visible_vs_infrared"}
 # dense and regression tasks (not part of the published evaluation; checked in test_segmentation.py)
 DENSE_ADDED = {"demo_dense/landcover_from_visible", "1h/hyperview/soil", GB + "cashew-plant-seg",
-               GB + "sa-crop-type-seg", GB + "pv4ger-seg", GB + "chesapeake-landcover-seg", GB + "nz-cattle-seg"}
+               GB + "sa-crop-type-seg", GB + "pv4ger-seg", GB + "chesapeake-landcover-seg", GB + "nz-cattle-seg",
+               GB + "neontree-seg"}
 CHN_SELECT = {"5min/m-eurosat-rgb_knn": [3, 2, 1], "5min/m-eurosat-norgb_knn": [0, 4, 5, 6, 7, 8, 9, 10, 11, 12],
               "15min/sim/corine-4c": [21, 111, 157, 171],
               "15min/sim/corine-12c": [12, 33, 50, 61, 84, 100, 107, 128, 139, 158, 182, 190]}

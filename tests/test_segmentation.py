@@ -185,7 +185,7 @@ def test_dataset_transform_is_refused(seg_world, monkeypatch, tmp_path):
 
 SEG_TASKS = {"cashew-plant-seg": ("m-cashew-plant", 7), "sa-crop-type-seg": ("m-SA-crop-type", 10),
              "pv4ger-seg": ("m-pv4ger-seg", 2), "chesapeake-landcover-seg": ("m-chesapeake-landcover", 7),
-             "nz-cattle-seg": ("m-nz-cattle", 2)}
+             "nz-cattle-seg": ("m-nz-cattle", 2), "neontree-seg": ("m-NeonTree", 2)}
 
 
 @pytest.mark.parametrize("name", sorted(SEG_TASKS))

@@ -8,6 +8,13 @@ On-disk layout (``$GEO_BENCH_DIR/{classification,segmentation}_v1.0/<task>/``):
 - ``<sample>.hdf5``: one dataset per band (named by the band name; segmentation masks in ``label``) and an
   attribute ``pickle`` = ``str(pickle.dumps(attr_dict))`` holding per-band metadata and ``label``.
 
+Multi-channel bands (GEO-Bench ``MultiBand`` / ``HyperSpectralBands``, e.g. m-NeonTree's 369-channel "Neon" cube,
+stored as one ``(H, W, n_bands)`` dataset) expand to ``n_bands`` channels. The dataset band YAML may list only
+some GEO-Bench bands as model inputs (metainfo ``geobench_bands``; m-NeonTree: Red, Green, Blue, Neon, without the
+canopy height model, which has no wavelength). Bands of coarser resolution are resampled bilinearly to the finest
+grid. ``band_stats.json`` has one mean/std per band name; for a multi-channel band with a single (scalar) entry,
+per-channel statistics are computed from the task's training split by default (``multiband_stats``).
+
 Pickles are never executed: ``SafeGeobenchUnpickler`` (``geobench_pickle``) only materialises a short allow-list of
 GEO-Bench classes (as plain local records), numeric numpy data rebuilt from plain bytes, datetime values and a few
 builtins; anything else raises ``GeobenchPickleError`` naming the file. Band datasets must be numeric, stored in the
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +44,8 @@ _SO2SAT_DEFAULT_KEEP = [0, 2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]  # VH real, 
 # A band or mask larger than this (pixels) is refused before it is read: GEO-Bench samples are at most a few
 # hundred pixels wide, and a crafted file could declare a huge, never-written dataset.
 MAX_SAMPLE_PIXELS = 1 << 26
+# per-channel statistics of multi-channel bands computed from a training split, per (task dir, partition, band)
+_TRAIN_STATS_CACHE: Dict[Tuple[str, str, str], Tuple[np.ndarray, np.ndarray]] = {}
 
 
 def geobench_root() -> Path:
@@ -55,14 +64,19 @@ class GeobenchDataset(EvalDataset):
     """One GEO-Bench task split; samples ``({'imgs': (C,H,W) float32, 'chn_ids': (C,)}, label)``.
 
     label: int (classification), float multi-hot ``(num_classes,)`` (multilabel) or long mask ``(H,W)``
-    (segmentation). ``bands``: GEO-Bench band names to keep (default: all, in task order; chn_ids follow the
-    dataset band YAML ``configs/data/eval/<task>.yaml``, whose band list is in task order).
+    (segmentation). ``bands``: GEO-Bench band names to keep (default: all model-input bands, in task order;
+    chn_ids follow the dataset band YAML ``configs/data/eval/<task>.yaml``, whose channel list is in that order; a
+    multi-channel band contributes all its channels). ``multiband_stats`` normalises multi-channel bands whose
+    ``band_stats.json`` entry is a single number: ``train`` (default: per-channel mean/std over the training
+    split of ``partition``), ``geobench`` (that single number for every channel) or a JSON file
+    ``{"mean": [...], "std": [...]}`` (or ``{band: {"mean": [...], "std": [...]}}``) with one value per channel.
     """
 
     def __init__(self, ds_name: Optional[str] = None, split: str = "train", normalize: bool = True,
                  transform=None, so2sat_keep_bands: Optional[Sequence[int]] = None, full_spectra: bool = False,
                  bands: Optional[Sequence[str]] = None, partition: str = "default",
-                 benchmark: Optional[str] = None, id: Optional[str] = None, **kwargs):
+                 benchmark: Optional[str] = None, id: Optional[str] = None, multiband_stats: str = "train",
+                 **kwargs):
         if ds_name is None and id is not None and id.startswith("geobench."):
             ds_name = id.split(".", 1)[1]
         if not ds_name:
@@ -80,23 +94,36 @@ class GeobenchDataset(EvalDataset):
             raise FileNotFoundError(f"GEO-Bench task folder {self.task_dir} does not exist (GEO_BENCH_DIR="
                                     f"{os.environ.get('GEO_BENCH_DIR')})")
         self.task_specs = self._load_task_specs()
-        all_bands = [b.name for b in self.task_specs.bands_info]
+        self.partition = partition
+        specs_path = self.task_dir / "task_specs.pkl"
+        self.band_channels = {b.name: _band_channel_count(b, specs_path) for b in self.task_specs.bands_info}
+        all_bands = list(self.band_channels)
+        model_bands = list(meta.get("geobench_bands") or all_bands)
+        unknown = [b for b in model_bands if b not in self.band_channels]
+        if unknown:
+            raise ValueError(f"{ds_name}: geobench_bands {unknown} of the band YAML are not in {specs_path} "
+                             f"(bands: {all_bands})")
+        # one (band name, channel index within the band or None) per model-input channel, in band-YAML order
+        channels = [(b, k) for b in model_bands
+                    for k in ([None] if self.band_channels[b] is None else range(self.band_channels[b]))]
         chn_ids = sensors.ds_chn_ids(ds_name, full_spectra=full_spectra)
-        if chn_ids.shape[0] != len(all_bands):
-            raise ValueError(f"{ds_name}: {self.task_dir / 'task_specs.pkl'} lists {len(all_bands)} bands "
-                             f"{all_bands} but the band YAML has {chn_ids.shape[0]} entries")
-        idx = self._band_indices(all_bands, bands, meta, so2sat_keep_bands)
-        self.band_names = [all_bands[i] for i in idx]
+        if chn_ids.shape[0] != len(channels):
+            raise ValueError(f"{ds_name}: {specs_path} gives {len(channels)} channels for bands {model_bands} "
+                             f"(multi-channel bands expanded) but the band YAML has {chn_ids.shape[0]} entries")
+        idx = self._band_indices(model_bands, channels, bands, meta, so2sat_keep_bands)
+        self.channels = [channels[i] for i in idx]
+        self.band_names = list(dict.fromkeys(b for b, _ in self.channels))
         self.chn_ids = chn_ids[idx]
         self.num_classes = int(meta.get("num_classes") or getattr(self.task_specs.label_type, "n_classes"))
-        stats = self._load_json("band_stats.json") if normalize else {}
-        self.normalizer = self._norm_stats(stats) if normalize else None
         split_key = {"val": "valid", "validation": "valid"}.get(split, split)
         part = self._load_json(f"{partition}_partition.json")
         if split_key not in part:
             raise ValueError(f"Split {split!r} not in {self.task_dir / f'{partition}_partition.json'} "
                              f"(has {sorted(part)})")
         self.samples: List[str] = list(part[split_key])
+        self._train_samples = list(part.get("train", []))
+        stats = self._load_json("band_stats.json") if normalize else {}
+        self.normalizer = self._norm_stats(stats, multiband_stats) if normalize else None
 
     def _load_json(self, name: str) -> Dict:
         path = self.task_dir / name
@@ -118,30 +145,80 @@ class GeobenchDataset(EvalDataset):
                              "list of named bands")
         return specs
 
-    def _band_indices(self, all_bands, bands, meta, so2sat_keep_bands) -> List[int]:
+    def _band_indices(self, model_bands, channels, bands, meta, so2sat_keep_bands) -> List[int]:
+        """Indices into `channels` of the channels to keep."""
         if bands is not None:
-            missing = [b for b in bands if b not in all_bands]
+            missing = [b for b in bands if b not in model_bands]
             if missing:
-                raise ValueError(f"{self.ds_name}: unknown bands {missing}; available: {all_bands}")
-            return [all_bands.index(b) for b in bands]
+                extra = [b for b in self.band_channels if b not in model_bands]
+                raise ValueError(f"{self.ds_name}: unknown bands {missing}; model-input bands: {model_bands}"
+                                 + (f" ({extra} have no channel ids in the band YAML)" if extra else ""))
+            return [i for b in bands for i, (name, _) in enumerate(channels) if name == b]
         keep = so2sat_keep_bands
         if keep is None and self.ds_name == "m-so2sat":
             keep = _SO2SAT_DEFAULT_KEEP
         keep = keep if keep is not None else meta.get("band_subselect_by_geob_id")
         if keep is None:
-            return list(range(len(all_bands)))
-        bad = [i for i in keep if not 0 <= int(i) < len(all_bands)]
+            return list(range(len(channels)))
+        bad = [i for i in keep if not 0 <= int(i) < len(channels)]
         if bad:
-            raise ValueError(f"{self.ds_name}: band indices {bad} out of range for {len(all_bands)} bands")
+            raise ValueError(f"{self.ds_name}: band indices {bad} out of range for {len(channels)} channels")
         return [int(i) for i in keep]
 
-    def _norm_stats(self, stats: Dict):
+    def _norm_stats(self, stats: Dict, multiband_stats: str = "train") -> BandNormalizer:
+        src = str(self.task_dir / "band_stats.json")
         missing = [b for b in self.band_names if b not in stats]
         if missing:
-            raise ValueError(f"{self.task_dir / 'band_stats.json'} has no statistics for bands {missing} (listed in "
+            raise ValueError(f"{src} has no statistics for bands {missing} (listed in "
                              f"{self.task_dir / 'task_specs.pkl'})")
-        return BandNormalizer([float(stats[b]["mean"]) for b in self.band_names],
-                              [float(stats[b]["std"]) for b in self.band_names], str(self.task_dir / "band_stats.json"))
+        per_band: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        for b in self.band_names:
+            n = self.band_channels[b] or 1
+            try:
+                mean = np.asarray(stats[b]["mean"], np.float64).reshape(-1)
+                std = np.asarray(stats[b]["std"], np.float64).reshape(-1)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{src}: band {b!r} needs numeric 'mean' and 'std' ({e})") from None
+            if self.band_channels[b] is not None and mean.size == 1 and multiband_stats != "geobench":
+                mean, std = (self._train_channel_stats(b) if multiband_stats == "train"
+                             else _stats_file_entry(multiband_stats, b, n))
+                src = f"{src} + {multiband_stats}"
+            if mean.size not in (1, n) or std.size != mean.size:
+                raise ValueError(f"{src}: band {b!r} has {mean.size} means / {std.size} stds for its {n} channels")
+            per_band[b] = (np.broadcast_to(mean, (n,)), np.broadcast_to(std, (n,)))
+        pick = [(per_band[b][0][k or 0], per_band[b][1][k or 0]) for b, k in self.channels]
+        return BandNormalizer([m for m, _ in pick], [s for _, s in pick], src)
+
+    def _train_channel_stats(self, band: str) -> Tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean/std of multi-channel `band` over every pixel of the training split (cached)."""
+        import h5py
+
+        key = (str(self.task_dir.resolve()), self.partition, band)
+        if key not in _TRAIN_STATS_CACHE:
+            if not self._train_samples:
+                raise ValueError(f"{self.task_dir / f'{self.partition}_partition.json'} has no training samples to "
+                                 f"compute per-channel statistics of band {band!r} from; pass multiband_stats")
+            n = int(self.band_channels[band])
+            total, total_sq, count = np.zeros(n), np.zeros(n), 0
+            for name in self._train_samples:
+                path = self.task_dir / f"{name}.hdf5"
+                try:
+                    with h5py.File(path, "r") as fp:
+                        cube = _channels_first(_read_plain_dataset(fp, band, path, "biuf"), n, band, path)
+                except (OSError, KeyError, RuntimeError, TypeError) as e:
+                    raise UnreadableFileError(str(path), e) from e
+                flat = cube.reshape(n, -1).astype(np.float64)
+                total += flat.sum(1)
+                total_sq += np.square(flat).sum(1)
+                count += flat.shape[1]
+            mean = total / count
+            std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+            flat_bands = np.flatnonzero(std == 0)
+            if flat_bands.size:
+                raise ValueError(f"{self.task_dir}: channels {flat_bands.tolist()} of band {band!r} are constant over "
+                                 "the training split; they cannot be z-scored (give multiband_stats)")
+            _TRAIN_STATS_CACHE[key] = (mean, std)
+        return _TRAIN_STATS_CACHE[key]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -161,7 +238,8 @@ class GeobenchDataset(EvalDataset):
                 missing = [b for b in self.band_names if b not in fp]
                 if missing:
                     raise ValueError(f"{path} lacks band datasets {missing} (has {sorted(fp.keys())})")
-                arrays = [_read_plain_dataset(fp, b, path, "biuf").astype(np.float32) for b in self.band_names]
+                arrays = {b: _channels_first(_read_plain_dataset(fp, b, path, "biuf"), self.band_channels[b], b,
+                                             path) for b in self.band_names}
                 mask = _read_plain_dataset(fp, "label", path, "biu") if self.is_segmentation and "label" in fp \
                     else None
         except Exception as e:  # h5py/HDF5 report damaged files as OSError, KeyError, RuntimeError, TypeError ...
@@ -170,7 +248,8 @@ class GeobenchDataset(EvalDataset):
             if isinstance(e, ValueError):
                 raise ValueError(f"{path}: {e}") from e
             raise UnreadableFileError(str(path), e) from e
-        imgs = self._stack(arrays, path)
+        # a segmentation mask fixes the grid (only coarse bands may be selected), as GEO-Bench's largest_shape does
+        imgs = self._stack(arrays, path, None if mask is None else np.squeeze(mask).shape)
         if self.is_segmentation:
             if mask is None:
                 raise ValueError(f"{path}: segmentation sample without a 'label' dataset")
@@ -195,22 +274,64 @@ class GeobenchDataset(EvalDataset):
                 raise ValueError(f"{path}: label {label} outside [0, {self.num_classes})")
         return imgs, label, attrs
 
-    @staticmethod
-    def _stack(arrays: List[np.ndarray], path: Path) -> torch.Tensor:
-        tensors = [torch.from_numpy(a.squeeze()) for a in arrays]
-        if any(t.ndim != 2 for t in tensors):
-            raise ValueError(f"{path}: band arrays must be 2-D, got shapes {[tuple(t.shape) for t in tensors]}")
-        h = max(t.shape[0] for t in tensors)
-        w = max(t.shape[1] for t in tensors)
-        # bands of coarser resolution are resampled to the finest grid (as GEO-Bench's pack_to_3d does)
-        tensors = [t if t.shape == (h, w) else
-                   F.interpolate(t[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-                   for t in tensors]
-        return torch.stack(tensors)
+    def _stack(self, arrays: Dict[str, np.ndarray], path: Path, size: Optional[Tuple[int, ...]] = None
+               ) -> torch.Tensor:
+        """(C, H, W) float32 of the selected channels; bands of coarser resolution are resampled bilinearly to
+        `size` or else the finest grid (as GEO-Bench's ``pack_to_3d`` does), all channels of a band at once."""
+        if size is not None and len(size) != 2:
+            raise ValueError(f"{path}: segmentation mask has shape {size}; expected a 2-D mask")
+        h, w = size or (max(a.shape[1] for a in arrays.values()), max(a.shape[2] for a in arrays.values()))
+        cubes = {}
+        for b, a in arrays.items():
+            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            if t.shape[1:] != (h, w):
+                t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            cubes[b] = t
+        return torch.stack([cubes[b][k or 0] for b, k in self.channels])
 
     def __getitem__(self, i: int):
         imgs, label, _ = self.read_sample(self.samples[i])
         return self.make_sample(imgs, label)
+
+
+def _band_channel_count(info, specs_path: Path) -> Optional[int]:
+    """Channels of a GEO-Bench band info: None for a plain 2-D band, ``n_bands`` for a multi-channel one."""
+    n = getattr(info, "n_bands", None)
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < int(n) <= 4096:
+        raise ValueError(f"{specs_path}: band {info.name!r} declares n_bands={n!r}")
+    return int(n)
+
+
+def _channels_first(arr: np.ndarray, n_bands: Optional[int], band: str, path: Path) -> np.ndarray:
+    """A band array as (channels, H, W): 2-D bands (or (H, W, 1)) give one channel; a multi-channel band is stored
+    (H, W, n_bands) by GEO-Bench."""
+    if n_bands is None:
+        a = arr.squeeze()
+        if a.ndim != 2:
+            raise ValueError(f"{path}: band '{band}' has shape {arr.shape}; expected a 2-D image")
+        return a[None]
+    if arr.ndim != 3 or arr.shape[2] != n_bands:
+        raise ValueError(f"{path}: band '{band}' has shape {arr.shape}; task_specs.pkl declares {n_bands} channels, "
+                         f"stored as (H, W, {n_bands})")
+    return arr.transpose(2, 0, 1)
+
+
+def _stats_file_entry(path: str, band: str, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean/std of `band` from a JSON stats file (see ``GeobenchDataset``)."""
+    full = Path(os.path.expanduser(path))
+    if not full.is_file():
+        raise ValueError(f"multiband_stats {path!r}: expected 'train', 'geobench' or a JSON stats file, and no such "
+                         "file exists")
+    data = read_json(str(full), "band statistics")
+    entry = data.get(band, data) if isinstance(data, dict) else None
+    if not isinstance(entry, dict) or "mean" not in entry or "std" not in entry:
+        raise ValueError(f"{full}: expected {{'mean': [...], 'std': [...]}} or {{{band!r}: {{'mean', 'std'}}}}")
+    mean, std = np.asarray(entry["mean"], np.float64).reshape(-1), np.asarray(entry["std"], np.float64).reshape(-1)
+    if mean.size != n or std.size != n:
+        raise ValueError(f"{full}: {mean.size} means / {std.size} stds for the {n} channels of band {band!r}")
+    return mean, std
 
 
 def _read_plain_dataset(fp, name: str, path: Path, kinds: str) -> np.ndarray:
@@ -234,7 +355,7 @@ def _read_plain_dataset(fp, name: str, path: Path, kinds: str) -> np.ndarray:
         raise ValueError(f"{path}: dataset '{name}' has dtype {dset.dtype}, expected a numeric dtype")
     n = int(np.prod(dset.shape, dtype=np.float64)) if dset.shape is not None else 0
     if dset.shape is None or not 0 < n <= MAX_SAMPLE_PIXELS or dset.ndim not in (2, 3):
-        raise ValueError(f"{path}: dataset '{name}' has shape {dset.shape}; expected a 2-D image of at most "
-                         f"{MAX_SAMPLE_PIXELS} pixels")
+        raise ValueError(f"{path}: dataset '{name}' has shape {dset.shape}; expected a 2-D image (or an (H, W, "
+                         f"channels) cube) of at most {MAX_SAMPLE_PIXELS} values")
     return dset[()]
 
