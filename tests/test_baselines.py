@@ -70,3 +70,47 @@ def test_timm_baseline_knn(seg_root, tmp_path, monkeypatch):
     res = main("baseline:timm/resnet18", str(tmp_path / "cfg" / "knn.yaml"), output_dir=str(tmp_path / "o"),
                device="cpu")
     assert 0.0 <= res["cfg/knn"]["acc_top-1_micro"] <= 100.0
+
+
+needs_torchgeo = pytest.mark.skipif(importlib.util.find_spec("torchgeo") is None or
+                                    importlib.util.find_spec("timm") is None, reason="torchgeo is not installed")
+
+
+@needs_torchgeo
+def test_torchgeo_sentinel2_resnet_baseline_segmentation(seg_root, tmp_path, monkeypatch):
+    # random init (weights cannot be downloaded here), the 12 bands nearest the Sentinel-2 centres
+    res = _run("baseline:torchgeo/resnet18?bands=443,492,559,664,704,740,782,832,864,945,1613,2202", seg_root,
+               tmp_path, monkeypatch, epochs=1)
+    assert 0.0 <= res["cfg/seg"]["mIoU"] <= 100.0
+
+
+@needs_torchgeo
+def test_torchgeo_dofa_takes_every_band_with_its_wavelength(seg_root, monkeypatch):
+    from dinov2.eval.baselines import build_baseline
+
+    torch.manual_seed(0)
+    net = build_baseline("baseline:torchgeo/dofa_small_patch16_224")
+    imgs = torch.randn(2, 4, 32, 32)
+    x = {"imgs": imgs, "chn_ids": torch.tensor([[492, 559, 664, 842]] * 2)}
+    maps = net.get_intermediate_layers(x, n=2, reshape=True)
+    assert [tuple(m.shape) for m in maps] == [(2, net.embed_dim, 2, 2)] * 2
+    (last, pooled), = net.get_intermediate_layers(x, n=1, return_class_token=True)
+    assert torch.allclose(pooled, last.mean(1), atol=1e-6)
+    # the wavelengths condition the patch embedding: the same pixels labelled as other bands embed differently
+    other = net.get_intermediate_layers({"imgs": imgs, "chn_ids": torch.tensor([[700, 800, 900, 1600]] * 2)}, n=1)
+    assert not torch.allclose(other[0], net.get_intermediate_layers(x, n=1)[0])
+    # at DOFA's native 224 px the blocks reproduce DOFA's own global-pool feature
+    big = {"imgs": torch.randn(1, 3, 224, 224), "chn_ids": torch.tensor([[492, 559, 664]])}
+    ref = net.model.forward_features(big["imgs"], [0.492, 0.559, 0.664])
+    raw = net.get_intermediate_layers(big, n=1, norm=False)[0]
+    assert torch.allclose(net.norm(raw.mean(1)), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="optical bands only"):
+        net.get_intermediate_layers({"imgs": imgs[:, :2], "chn_ids": torch.tensor([[-1, -2]] * 2)})
+    with pytest.raises(ValueError, match="drop bands="):
+        build_baseline("baseline:torchgeo/dofa_small_patch16_224?bands=rgb")
+
+
+@needs_torchgeo
+def test_torchgeo_dofa_baseline_segmentation(seg_root, tmp_path, monkeypatch):
+    res = _run("baseline:torchgeo/dofa_small_patch16_224", seg_root, tmp_path, monkeypatch, epochs=1)
+    assert 0.0 <= res["cfg/seg"]["mIoU"] <= 100.0

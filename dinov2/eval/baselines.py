@@ -9,7 +9,10 @@
   ``timm/vit_small_patch16_224``; options ``pretrained=true|false`` (default false: timm weights are downloaded
   from the internet), ``weights=<local .pth/.safetensors state dict>``.
 - ``baseline:torchgeo/<model name>`` with ``weights=<torchgeo weight enum name>`` (``pip install torchgeo``),
-  e.g. ``torchgeo/resnet50?weights=ResNet50_Weights.SENTINEL2_ALL_MOCO&bands=s2``.
+  e.g. ``torchgeo/resnet50?weights=ResNet50_Weights.SENTINEL2_ALL_MOCO&bands=s2``; without ``weights`` the model is
+  randomly initialised with one input channel per selected band. DOFA models (``torchgeo/dofa_base_patch16_224``,
+  ``?weights=DOFABase16_Weights.DOFA_MAE``) are wavelength-conditioned like Panopticon: they take every optical
+  input channel with its id as wavelength (no ``bands=``), and refuse SAR channels.
 
 Band selection (``bands=``): ``rgb`` (the inputs nearest 664/559/492 nm; default), ``s2`` (nearest to the 13
 Sentinel-2 L1C band centres, for Sentinel-2 pretrained CNNs), or a comma-separated list of wavelengths in nm.
@@ -150,6 +153,60 @@ class TimmBackbone(nn.Module):
         return tuple(outs)
 
 
+class DOFABackbone(nn.Module):
+    """torchgeo's DOFA on all optical input channels, each with its channel id (nm) as wavelength. Intermediate
+    outputs are its transformer blocks; the "class token" is the mean of the patch tokens (DOFA's global pool), and
+    ``norm`` applies DOFA's final LayerNorm. The fixed position embedding is resized bicubically for other image
+    sizes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.embed_dim, self.n_blocks = int(model.embed_dim), len(model.blocks)
+        self.patch_size = int(model.patch_size)
+        self.norm = model.fc_norm if getattr(model, "global_pool", True) else model.norm
+
+    def _tokens(self, x: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        ids = x["chn_ids"]
+        ids = (ids[..., 0] if ids.ndim == 3 else ids).float()
+        if not torch.equal(ids, ids[:1].expand_as(ids)):
+            raise ValueError("Baselines need one band set per batch")
+        row = ids[0]
+        if bool((row <= 0).any()):
+            raise ValueError(f"DOFA takes optical bands only; the input has SAR channel ids {row.int().tolist()}")
+        tokens, _ = self.model.patch_embed(x["imgs"], row / 1000.0)  # DOFA wants micrometres
+        h, w = x["imgs"].shape[-2:]
+        k = self.patch_size
+        grid = ((h + 2 - k) // k + 1, (w + 2 - k) // k + 1)  # DOFA's patch convolution pads by 1
+        pos = self.model.pos_embed
+        n0 = int(round((pos.shape[1] - 1) ** 0.5))
+        patch_pos = pos[:, 1:]
+        if grid != (n0, n0):
+            patch_pos = patch_pos.reshape(1, n0, n0, -1).permute(0, 3, 1, 2)
+            patch_pos = torch.nn.functional.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+            patch_pos = patch_pos.flatten(2).transpose(1, 2)
+        cls = (self.model.cls_token + pos[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens + patch_pos], dim=1), grid
+
+    def get_intermediate_layers(self, x, n=1, reshape=False, return_class_token=False, norm=True):
+        if not isinstance(n, int):
+            raise ValueError("DOFA baselines take the last n blocks (an int)")
+        tokens, (gh, gw) = self._tokens(x)
+        outs = []
+        for i, block in enumerate(self.model.blocks):
+            tokens = block(tokens)
+            if i >= self.n_blocks - n:
+                outs.append(tokens[:, 1:])
+        if norm:
+            outs = [self.norm(o) for o in outs]
+        pooled = [o.mean(1) for o in outs]
+        if reshape:
+            outs = [o.reshape(o.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for o in outs]
+        if return_class_token:
+            return tuple(zip(outs, pooled))
+        return tuple(outs)
+
+
 def build_baseline(obj: str) -> nn.Module:
     """The backbone of a ``baseline:...`` model object, in eval mode."""
     source, name, opts = parse_baseline(obj)
@@ -187,6 +244,16 @@ def build_baseline(obj: str) -> nn.Module:
     except ImportError as e:
         raise ImportError(f"{obj} needs torchgeo: pip install torchgeo") from e
     weights = get_weight(opts["weights"]) if opts.get("weights") else None
-    if weights is not None and "bands" not in opts:
-        wavelengths = S2_NM if weights.meta.get("in_chans", 3) == 13 else RGB_NM
-    return TimmBackbone(get_model(name, weights=weights), wavelengths).eval()
+    if name.startswith("dofa"):
+        if "bands" in opts:
+            raise ValueError(f"{obj}: DOFA takes every optical input band with its wavelength; drop bands=")
+        # dofa_small has no released weights and its builder takes no `weights` argument
+        return DOFABackbone(get_model(name, **({"weights": weights} if weights else {}))).eval()
+    if weights is not None:
+        if "bands" not in opts:
+            wavelengths = S2_NM if weights.meta.get("in_chans", 3) == 13 else RGB_NM
+        if len(wavelengths) != weights.meta.get("in_chans", len(wavelengths)):
+            raise ValueError(f"{obj}: bands= selects {len(wavelengths)} bands but {opts['weights']} takes "
+                             f"{weights.meta['in_chans']}")
+        return TimmBackbone(get_model(name, weights=weights), wavelengths).eval()
+    return TimmBackbone(get_model(name, weights=None, in_chans=len(wavelengths)), wavelengths).eval()
