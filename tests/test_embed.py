@@ -164,6 +164,29 @@ def test_full_coverage_edges_and_blending(tmp_path, run_dir, model):
     np.testing.assert_allclose(emb[:, 2, 2], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_blending_with_overlap_wider_than_the_stride(tmp_path, run_dir, model):
+    """Chips of 4 patches every patch (overlap 3): each patch of the 6 x 7 map is the weighted mean of up to
+    3 x 3 chips; checked for every patch against a brute-force blend of the chips' own tokens."""
+    data = smooth_scene(84, 98, seed=2)
+    tif = write_tif(tmp_path / "dense.tif", data)
+    mean, std = [1000.0] * 4, [300.0] * 4
+    out = tmp_path / "out"
+    run_embed([tif, "--sensor", "sentinel2", "--bands", ",".join(S2_BANDS), "--model", run_dir, "--chip-size", "56",
+               "--overlap", "42", "--batch-size", "5", "--norm-stats", stats_file(tmp_path, mean, std), "-o",
+               str(out)])
+    with rasterio.open(out / "dense_patches.tif") as src:
+        emb = src.read()
+    ramp = np.array([1.0, 2.0, 2.0, 1.0]) / 4  # linear cross-fade over the 3 overlapping patches, never zero
+    num, den = np.zeros((6, 7, emb.shape[0])), np.zeros((6, 7))
+    for r in range(3):
+        for c in range(4):
+            _, tok = direct_tokens(model, data[:, 14 * r:14 * r + 56, 14 * c:14 * c + 56], mean, std, S2_IDS)
+            w = np.outer(ramp, ramp)
+            num[r:r + 4, c:c + 4] += tok * w[..., None]
+            den[r:r + 4, c:c + 4] += w
+    np.testing.assert_allclose(emb.transpose(1, 2, 0), num / den[..., None], rtol=1e-4, atol=1e-4)
+
+
 def test_nodata_masked_not_embedded(tmp_path, run_dir, model):
     data = smooth_scene(112, 112, seed=2)
     data[:, :56, :56] = 0  # a whole chip of no-data
@@ -307,3 +330,28 @@ def test_scenes_in_different_crs_share_a_wgs84_table(tmp_path, run_dir):
         bb = row.bbox_wgs84
         assert bb["xmin"] - 1e-9 <= minx and maxx <= bb["xmax"] + 1e-9 and 40 < miny < maxy < 50
     assert b"geo" in pq.read_schema(tmp_path / "out" / "chips.parquet").metadata
+
+
+def test_cog_layout_small_tiles_without_overviews_for_wide_maps(tmp_path):
+    """A many-band map gets small tiles and no overviews (GDAL builds overviews band by band over
+    pixel-interleaved tiles); a class map (one band) keeps 256 px tiles and overviews. Values round-trip."""
+    from dinov2.inference.writers import cog_layout, create_partial_raster, finalize_cog, write_rows
+
+    assert cog_layout(768) == (32, False) and cog_layout(384) == (32, False) and cog_layout(1) == (256, True)
+    rng = np.random.default_rng(0)
+    wide = rng.normal(size=(300, 40, 40)).astype(np.float32)
+    create_partial_raster(str(tmp_path / "wide.bin"), 40, 40, 300, CRS, from_origin(*ORIGIN, 140.0, 140.0))
+    write_rows(str(tmp_path / "wide.bin"), 0, wide)
+    finalize_cog(str(tmp_path / "wide.bin"), str(tmp_path / "wide_cog.tif"))
+    with rasterio.open(tmp_path / "wide_cog.tif") as src:
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and src.crs.to_string() == CRS
+        assert src.transform == from_origin(*ORIGIN, 140.0, 140.0) and not set(src.tags()) - {"AREA_OR_POINT"}
+        assert src.block_shapes[0] == (32, 32) and src.overviews(1) == []
+        np.testing.assert_array_equal(src.read(), wide)
+    one = rng.integers(0, 5, size=(1, 600, 600)).astype(np.float32)
+    create_partial_raster(str(tmp_path / "one.bin"), 600, 600, 1, CRS, from_origin(*ORIGIN, 10.0, 10.0))
+    write_rows(str(tmp_path / "one.bin"), 0, one)
+    finalize_cog(str(tmp_path / "one.bin"), str(tmp_path / "one_cog.tif"))
+    with rasterio.open(tmp_path / "one_cog.tif") as src:
+        assert src.block_shapes[0] == (256, 256) and src.overviews(1) == [2, 4]
+        np.testing.assert_array_equal(src.read(), one)

@@ -23,11 +23,12 @@ from dinov2.inference.grid import ChipGrid, size_in_pixels
 from dinov2.inference.normstats import resolve_stats
 from dinov2.inference.reader import SceneReader
 from dinov2.inference.sources import SceneSource, collect_scenes
-from dinov2.inference.writers import (atomic_json, combine_shards, create_partial_raster, finalize_cog, read_json,
-                                      write_geoparquet, write_rows, write_table)
+from dinov2.inference.writers import (atomic_json, bounded_gdal_cache, combine_shards, create_partial_raster,
+                                      finalize_cog, read_json, write_geoparquet, write_table,
+                                      PartialRaster)
 
 logger = logging.getLogger("dinov2")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tiled partial raster, chip-by-chip blending
 
 
 @dataclass
@@ -109,24 +110,30 @@ class SceneEmbedder:
         }
 
     # ------------------------------------------------------------------ reading (runs in a helper thread)
-    def _strip_chips(self, strips: Sequence[int], rank: int, world: int) -> List[Tuple]:
-        """(strip, chip column, normalised chip, valid mask, in-scene mask) of this rank's chips of `strips`."""
-        size = self.grid.chip * self.ps
+    def _read_chips(self, positions: Sequence[int], rank: int, world: int) -> List[Tuple]:
+        """(strip, chip column, normalised chip, valid mask, in-scene mask) of this rank's chips among `positions`
+        (row-major chip indices; chip k belongs to rank k % world)."""
+        size, ncols = self.grid.chip * self.ps, len(self.grid.col_starts)
         out = []
-        for strip in strips:
-            row = self.grid.row_starts[strip] * self.ps
-            for ci, c0 in enumerate(self.grid.col_starts):
-                if ci % world == rank:
-                    out.append((strip, ci, *self.reader.chip(row, c0 * self.ps, size, self.mean, self.std)))
+        for k in positions:
+            if k % world == rank:
+                strip, ci = divmod(k, ncols)
+                row, col = self.grid.row_starts[strip] * self.ps, self.grid.col_starts[ci] * self.ps
+                out.append((strip, ci, *self.reader.chip(row, col, size, self.mean, self.std)))
         return out
 
-    def _strip_groups(self, start: int, world: int) -> List[List[int]]:
-        """Consecutive strips grouped so that each rank has at least a batch of chips per group (CPU forward
-        passes are much slower per chip in small batches); strips are still written one by one."""
-        per_rank = max(1, len(self.grid.col_starts) // world)
-        size = max(1, -(-self.s.batch_size // per_rank))
-        strips = list(range(start, len(self.grid.row_starts)))
-        return [strips[i:i + size] for i in range(0, len(strips), size)]
+    def _strip_chips(self, strips: Sequence[int], rank: int, world: int) -> List[Tuple]:
+        """This rank's chips of whole `strips` (see `_read_chips`)."""
+        ncols = len(self.grid.col_starts)
+        return self._read_chips([s * ncols + c for s in strips for c in range(ncols)], rank, world)
+
+    def _chip_groups(self, start: int, world: int) -> List[range]:
+        """Row-major chip indices from strip `start` on, in groups of one batch per rank: the unit of reading
+        (prefetched in a thread) and of gathering results, so chips in flight do not grow with scene width."""
+        ncols = len(self.grid.col_starts)
+        first, end = start * ncols, len(self.grid.row_starts) * ncols
+        size = self.s.batch_size * world
+        return [range(a, min(a + size, end)) for a in range(first, end, size)]
 
     def _patch_valid(self, valid: np.ndarray, inside: np.ndarray) -> Tuple[np.ndarray, float]:
         n, p = self.grid.chip, self.ps
@@ -147,21 +154,29 @@ class SceneEmbedder:
         patches = out["x_norm_patchtokens"].float().cpu().numpy().reshape(x.shape[0], n, n, self.dim)
         return cls, patches
 
-    def _embed_chips(self, chips) -> List[Dict[str, Any]]:
-        results, todo = [], []
+    def _valid_chips(self, chips) -> List[Tuple]:
+        """(strip, chip column, chip, patch validity, valid fraction) of the chips with at least one valid patch
+        (the others are not embedded at all)."""
+        todo = []
         for strip, ci, arr, valid, inside in chips:
             pvalid, frac = self._patch_valid(valid, inside)
-            if pvalid.any():  # chips without a single valid patch are not embedded at all
+            if pvalid.any():
                 todo.append((strip, ci, arr, pvalid, frac))
-        n_batches = -(-len(todo) // self.s.batch_size)
-        bounds = np.linspace(0, len(todo), n_batches + 1).round().astype(int) if todo else []
-        for a, b in zip(bounds[:-1], bounds[1:]):  # near-equal batches: 10 chips -> 5 + 5, not 8 + 2
-            batch = todo[a:b]
+        return todo
+
+    def _embed_chips(self, todo: List[Tuple], flush: bool) -> Tuple[List[Dict[str, Any]], List[Tuple]]:
+        """Embed `todo` in full batches; returns the results and the chips left over (fewer than a batch, kept for
+        the next group of strips unless `flush`): CPU forward passes are much slower per chip in small batches."""
+        bs = self.s.batch_size
+        n = len(todo) if flush else len(todo) // bs * bs
+        results = []
+        for a in range(0, n, bs):
+            batch = todo[a:min(a + bs, n)]
             cls, patches = self._forward([t[2] for t in batch])
             for (strip, ci, _, pvalid, frac), c, p in zip(batch, cls, patches):
                 results.append({"strip": strip, "ci": ci, "cls": c, "patches": p, "pvalid": pvalid,
                                 "valid_fraction": frac})
-        return results
+        return results, todo[n:]
 
     # ------------------------------------------------------------------ chip table
     def _chip_rows(self, strip: int, results: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -192,13 +207,13 @@ class SceneEmbedder:
             cols["height_px"].append(h)
             cols["width_px"].append(w)
             cols["valid_fraction"].append(r["valid_fraction"])
-            cols["n_valid_patches"].append(int(r["pvalid"].sum()))
+            cols["n_valid_patches"].append(r["n_valid"])
             cols["footprint_wkb"].append(shapely.to_wkb(shapely.box(x0, y0, x1, y1)))
             cols["bbox_wgs84"].append({"xmin": west, "ymin": south, "xmax": east, "ymax": north})
             cols["lon"].append(float(lon))
             cols["lat"].append(float(lat))
             cls.append(r["cls"])
-            mean.append(r["patches"][r["pvalid"]].mean(0))
+            mean.append(r["mean"])
         k = len(results)
         cols.update(sensor=[self.scene.sensor] * k, bands=[self.scene.bands] * k,
                     chn_ids=[self.scene.chn_ids] * k, source_files=[self.scene.files] * k,
@@ -223,75 +238,71 @@ class SceneEmbedder:
                     and os.path.isfile(self.table))
 
     def run(self, rank: int = 0, world: int = 1) -> None:
-        """Embed the scene (resuming finished strips); rank 0 writes."""
+        """Embed the scene (resuming finished strips); rank 0 blends and writes."""
         start, state = self._state() if rank == 0 else (0, None)
         start, stats = _broadcast((start, state["stats"] if state else None), world)
         if stats is None:
             stats = resolve_stats(self.s.norm_stats, self.scene, self.reader)
         self.mean, self.std = (np.asarray(stats[0], np.float32), np.asarray(stats[1], np.float32))
-        grid, n, dim = self.grid, self.grid.chip, self.dim
-        partial = os.path.join(self.work, "patches_partial.tif")
-        acc_w = grid.col_starts[-1] + n
-        num = np.zeros((n, acc_w, dim), np.float32)
-        den = np.zeros((n, acc_w), np.float32)
+        grid = self.grid
+        partial = os.path.join(self.work, "patches_partial.bin")
+        blender = None
         if rank == 0:
             if start == 0:
                 g = self.reader.grid
                 from affine import Affine
 
-                create_partial_raster(partial, grid.cols, grid.rows, dim, self.reader.crs,
+                create_partial_raster(partial, grid.cols, grid.rows, self.dim, self.reader.crs,
                                       Affine(g.res * self.ps, 0, g.left, 0, -g.res * self.ps, g.top))
-            else:
-                carry = np.load(os.path.join(self.work, f"carry_{start}.npz"))
-                num[:grid.overlap], den[:grid.overlap] = carry["num"], carry["den"]
+            blender = _StreamBlender(self, partial, stats, start)
         from tqdm import tqdm
 
-        n_strips = len(grid.row_starts)
-        per_strip = len(grid.col_starts)
-        bar = tqdm(total=grid.n_chips, initial=start * per_strip, unit="chip", desc=self.scene.name,
+        ncols = len(grid.col_starts)
+        bar = tqdm(total=grid.n_chips, initial=start * ncols, unit="chip", desc=self.scene.name,
                    disable=not (self.s.progress and rank == 0), dynamic_ncols=True)
-        groups = self._strip_groups(start, world)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self._strip_chips, groups[0], rank, world) if groups else None
-            for gi, group in enumerate(groups):
-                chips = pending.result()
-                if gi + 1 < len(groups):
-                    pending = pool.submit(self._strip_chips, groups[gi + 1], rank, world)
-                gathered = _gather(self._embed_chips(chips), rank, world)
-                for strip in group:
+        groups = self._chip_groups(start, world)
+        carry: List[Tuple] = []  # this rank's chips read but not yet embedded (fewer than a batch)
+        ready: Dict[int, Dict[str, Any]] = {}  # rank 0: results waiting for their turn in row-major order
+        next_chip = start * ncols
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(self._read_chips, groups[0], rank, world) if groups else None
+                for gi, group in enumerate(groups):
+                    chips = pending.result()
+                    if gi + 1 < len(groups):
+                        pending = pool.submit(self._read_chips, groups[gi + 1], rank, world)
+                    results, carry = self._embed_chips(carry + self._valid_chips(chips),
+                                                       flush=gi + 1 == len(groups))
+                    # chips from this rank's first carried one on are not done yet
+                    frontier = carry[0][0] * ncols + carry[0][1] if carry else group[-1] + 1
+                    gathered = _gather((results, frontier), rank, world)
                     if rank == 0:
-                        results = sorted((r for part in gathered for r in part if r["strip"] == strip),
-                                         key=lambda r: r["ci"])
-                        self._write_strip(strip, results, num, den, partial, stats)
-                    bar.update(per_strip)
+                        for part, _ in gathered:
+                            for r in part:
+                                ready[r["strip"] * ncols + r["ci"]] = r
+                        limit = min(f for _, f in gathered)
+                        for k in range(next_chip, limit):  # a chip without a result had no valid patch
+                            blender.place(*divmod(k, ncols), ready.pop(k, None))
+                            bar.update(1)
+                        next_chip = max(next_chip, limit)
+        finally:
+            if blender is not None:
+                blender.close()
         bar.close()
         if rank == 0:
-            self._finish(partial, n_strips)
+            self._finish(partial, len(grid.row_starts))
 
-    def _write_strip(self, strip: int, results, num: np.ndarray, den: np.ndarray, partial: str, stats) -> None:
-        grid, n = self.grid, self.grid.chip
-        for r in results:
-            c0 = grid.col_starts[r["ci"]]
-            w = self.weights * r["pvalid"]
-            num[:, c0:c0 + n] += r["patches"] * w[..., None]
-            den[:, c0:c0 + n] += w
-        a, b = grid.final_rows(strip)
-        k = b - a
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rows = np.where(den[:k, :grid.cols, None] > 0, num[:k, :grid.cols] / den[:k, :grid.cols, None], np.nan)
-        write_rows(partial, a, np.ascontiguousarray(rows.transpose(2, 0, 1)))
-        if results:  # a strip of no-data chips has no rows (and no shard)
+    def _end_strip(self, strip: int, rows: List[Dict[str, Any]], carry_num: np.ndarray, carry_den: np.ndarray,
+                   stats) -> None:
+        """Commit a finished strip: its chip-table shard, the overlap rows it leaves to the next strip, state."""
+        if rows:  # a strip of no-data chips has no rows (and no shard)
             import pyarrow as pa
 
-            write_table(os.path.join(self.work, f"chips_{strip:06d}.parquet"), self._chip_rows(strip, results),
+            write_table(os.path.join(self.work, f"chips_{strip:06d}.parquet"), self._chip_rows(strip, rows),
                         {"datetime": pa.string()})
-        # rows [b, start + n) carry into the next strip; shift them to the top
-        keep = grid.row_starts[strip] + n - b if strip + 1 < len(grid.row_starts) else 0
-        num[:keep], den[:keep] = num[k:k + keep].copy(), den[k:k + keep].copy()
-        num[keep:], den[keep:] = 0.0, 0.0
         carry = os.path.join(self.work, f"carry_{strip + 1}.npz")
         tmp = carry + ".tmp.npz"
-        np.savez(tmp, num=num[:grid.overlap], den=den[:grid.overlap])
+        np.savez(tmp, num=carry_num, den=carry_den)
         os.replace(tmp, carry)
         atomic_json(os.path.join(self.work, "state.json"),
                     {"signature": self.signature, "strips_done": strip + 1, "stats": [list(map(float, stats[0])),
@@ -311,6 +322,72 @@ class SceneEmbedder:
         atomic_json(self.done_marker, {"signature": self.signature, "finished": time.time(),
                                        "settings": asdict(self.s)})
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+class _StreamBlender:
+    """Blends chip results into the partial raster chip by chip, in row-major order, holding one chip-sized window
+    and the overlap rows a strip leaves to the next (``overlap`` patch rows x scene width): memory does not grow with
+    the scene. After chip (s, j), patch columns [c_j, c_j + stride) of the strip's rows are final horizontally; of
+    those, rows [r_s, r_s + stride) are final and written (all rows in the last strip), and the bottom ``overlap``
+    rows go to the next strip's carry. Writes are idempotent, so a resumed strip is simply redone."""
+
+    def __init__(self, emb: "SceneEmbedder", partial: str, stats, start: int):
+        self.emb, self.stats, self.partial = emb, stats, partial
+        g = emb.grid
+        self.n, self.o, self.st = g.chip, g.overlap, g.stride
+        self.n_strips, self.ncols = len(g.row_starts), len(g.col_starts)
+        acc_w = g.col_starts[-1] + g.chip
+        dim = emb.dim
+        self.buf_num = np.zeros((self.n, self.n, dim), np.float32)
+        self.buf_den = np.zeros((self.n, self.n), np.float32)
+        self.carry_num = np.zeros((self.o, acc_w, dim), np.float32)
+        self.carry_den = np.zeros((self.o, acc_w), np.float32)
+        if start > 0 and self.o > 0:
+            saved = np.load(os.path.join(emb.work, f"carry_{start}.npz"))
+            self.carry_num[...], self.carry_den[...] = saved["num"], saved["den"]
+        self.next_num, self.next_den = np.zeros_like(self.carry_num), np.zeros_like(self.carry_den)
+        self.rows: List[Dict[str, Any]] = []
+        self.dst = PartialRaster(partial)
+
+    def place(self, strip: int, ci: int, r: Optional[Dict[str, Any]]) -> None:
+        g, n, o, st = self.emb.grid, self.n, self.o, self.st
+        c0, r0 = g.col_starts[ci], g.row_starts[strip]
+        if ci == 0:
+            self.buf_num[...], self.buf_den[...] = 0.0, 0.0
+            new = 0
+        else:  # slide the window right by one stride; the overlap columns keep their partial sums
+            self.buf_num[:, :o], self.buf_den[:, :o] = self.buf_num[:, st:].copy(), self.buf_den[:, st:].copy()
+            self.buf_num[:, o:], self.buf_den[:, o:] = 0.0, 0.0
+            new = o
+        if o:  # the previous strips' sums over this strip's top rows, for the columns entering the window
+            self.buf_num[:o, new:] += self.carry_num[:, c0 + new:c0 + n]
+            self.buf_den[:o, new:] += self.carry_den[:, c0 + new:c0 + n]
+        if r is not None:
+            w = self.emb.weights * r["pvalid"]
+            self.buf_num += r["patches"] * w[..., None]
+            self.buf_den += w
+            self.rows.append({"ci": ci, "cls": r["cls"], "mean": r["patches"][r["pvalid"]].mean(0),
+                              "n_valid": int(r["pvalid"].sum()), "valid_fraction": r["valid_fraction"]})
+        last_col, last_strip = ci == self.ncols - 1, strip == self.n_strips - 1
+        wc = n if last_col else st
+        kr, kc = min(n if last_strip else st, g.rows - r0), min(wc, g.cols - c0)
+        if kr > 0 and kc > 0:
+            den = self.buf_den[:kr, :kc, None]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                vals = np.where(den > 0, self.buf_num[:kr, :kc] / den, np.float32(np.nan))
+            self.dst.write(r0, c0, vals)
+        if not last_strip and o:
+            self.next_num[:, c0:c0 + wc] = self.buf_num[st:, :wc]
+            self.next_den[:, c0:c0 + wc] = self.buf_den[st:, :wc]
+        if last_col:  # positional writes reach the OS before the strip is recorded as done
+            self.emb._end_strip(strip, self.rows, self.next_num, self.next_den, self.stats)
+            self.rows = []
+            self.carry_num, self.next_num = self.next_num, self.carry_num
+            self.carry_den, self.next_den = self.next_den, self.carry_den
+            self.next_num[...], self.next_den[...] = 0.0, 0.0
+
+    def close(self) -> None:
+        self.dst.close()
 
 
 def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_dir: str,
@@ -333,6 +410,8 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
     model = model.to(device).eval()
     os.makedirs(os.path.join(output_dir, ".embed"), exist_ok=True)
     done, tables, skipped = [], [], []
+    from dinov2.models.panopticon import frozen_fused_cache
+
     for scene in scenes:
         emb = SceneEmbedder(scene, model, output_dir, settings, device)
         finished = _broadcast(emb.is_done() if rank == 0 else None, world)
@@ -340,9 +419,8 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
             skipped.append(scene.name)
             logger.info("embed: %s already finished, skipped", scene.name)
         else:
-            from dinov2.models.panopticon import frozen_fused_cache
-
-            with frozen_fused_cache(model):  # weights are fixed here: fold the patch embedding once per scene
+            # weights are fixed here: fold the patch embedding once per scene
+            with frozen_fused_cache(model), bounded_gdal_cache():
                 emb.run(rank, world)
         emb.reader.close()
         tables.append(emb.table)

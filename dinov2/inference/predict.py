@@ -27,7 +27,7 @@ from dinov2.inference.grid import ChipGrid
 from dinov2.inference.normstats import resolve_stats
 from dinov2.inference.reader import SceneReader
 from dinov2.inference.sources import SceneSource
-from dinov2.inference.writers import atomic_json, finalize_cog
+from dinov2.inference.writers import atomic_json, bounded_gdal_cache, finalize_cog
 
 logger = logging.getLogger("dinov2")
 NODATA_CLASS = 255
@@ -196,6 +196,7 @@ def predict_scenes(scenes: Sequence[SceneSource], backbone: nn.Module, head: Seg
             continue
         from dinov2.models.panopticon import frozen_fused_cache
 
-        with frozen_fused_cache(backbone):  # weights are fixed here: fold the patch embedding once per scene
+        # weights are fixed here: fold the patch embedding once per scene
+        with frozen_fused_cache(backbone), bounded_gdal_cache():
             out.append(predict_scene(scene, backbone, head, output_dir, settings, device))
     return out
