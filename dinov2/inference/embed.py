@@ -1,10 +1,12 @@
-"""Embed whole scenes: stream chips in strips, run the backbone, blend overlapping patch embeddings, write
-a patch-embedding COG per scene and one GeoParquet of chip embeddings — resumable and shardable over ranks.
+"""Embed whole scenes: stream chips a batch at a time, run the backbone, blend overlapping patch embeddings chip
+by chip, write a patch-embedding COG per scene and one GeoParquet of chip embeddings — resumable and shardable
+over ranks, with memory that does not grow with the scene.
 
-Per scene, work happens in ``<out>/.embed/<scene>/`` (partial raster, one parquet shard per strip, the carried
-overlap rows, ``state.json``); the finished ``<scene>_patches.tif`` is renamed into place and
-``.embed/<scene>.done.json`` marks it complete. Under torch.distributed every rank embeds its share of each
-strip's chips and rank 0 blends and writes, so the output equals a single-process run.
+Per scene, work happens in ``<out>/.embed/<scene>/`` (the partial map as a raw ENVI work file, one parquet shard
+per strip of chips, the overlap rows carried to the next strip, ``state.json``); the finished
+``<scene>_patches.tif`` is renamed into place and ``.embed/<scene>.done.json`` marks it complete. Under
+torch.distributed every rank embeds every world-size-th chip and rank 0 blends and writes, so the output equals a
+single-process run.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from dinov2.inference.writers import (atomic_json, bounded_gdal_cache, combine_s
                                       PartialRaster)
 
 logger = logging.getLogger("dinov2")
-FORMAT_VERSION = 2  # 2: tiled partial raster, chip-by-chip blending
+FORMAT_VERSION = 2  # 2: raw ENVI work file, chip-by-chip blending
 
 
 @dataclass
