@@ -3,7 +3,9 @@ import re
 
 from conftest import ROOT
 
-FORBIDDEN = re.compile(r"DESIGN\.md|reference §|panopticon_reference|\.\./shared")
+# names of the maintainers' notes kept outside the repository, spelled in pieces so this file does not match itself
+_OUTSIDE = ["DESIGN" + ".md", "reference" + " §", "panopticon" + "_reference", ".." + "/shared"]
+FORBIDDEN = re.compile("|".join(re.escape(name) for name in _OUTSIDE))
 DOC_LINK = re.compile(r"docs/[\w./-]+\.md")
 MD_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
