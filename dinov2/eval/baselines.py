@@ -78,14 +78,19 @@ def _truthy(v: Optional[str], default: bool) -> bool:
     raise ValueError(f"pretrained={v!r}: use true or false")
 
 
-def select_bands(x: Dict[str, torch.Tensor], wavelengths: Sequence[float]) -> torch.Tensor:
-    """``(B, len(wavelengths), H, W)``: for each wanted wavelength the input channel with the nearest id
-    (optical ids only; refuses inputs that lack a band within 60 nm)."""
+def batch_channel_ids(x: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The ``(C,)`` channel ids (centre wavelengths, nm) shared by every sample of a batch; refuses mixed batches."""
     ids = x["chn_ids"]
     ids = (ids[..., 0] if ids.ndim == 3 else ids).float()
     if not torch.equal(ids, ids[:1].expand_as(ids)):
         raise ValueError("Baselines need one band set per batch")
-    row = ids[0]
+    return ids[0]
+
+
+def select_bands(x: Dict[str, torch.Tensor], wavelengths: Sequence[float]) -> torch.Tensor:
+    """``(B, len(wavelengths), H, W)``: for each wanted wavelength the input channel with the nearest id
+    (optical ids only; refuses inputs that lack a band within 60 nm)."""
+    row = batch_channel_ids(x)
     idx = []
     for w in wavelengths:
         dist = torch.where(row > 0, (row - w).abs(), torch.full_like(row, float("inf")))
@@ -167,11 +172,7 @@ class DOFABackbone(nn.Module):
         self.norm = model.fc_norm if getattr(model, "global_pool", True) else model.norm
 
     def _tokens(self, x: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        ids = x["chn_ids"]
-        ids = (ids[..., 0] if ids.ndim == 3 else ids).float()
-        if not torch.equal(ids, ids[:1].expand_as(ids)):
-            raise ValueError("Baselines need one band set per batch")
-        row = ids[0]
+        row = batch_channel_ids(x)
         if bool((row <= 0).any()):
             raise ValueError(f"DOFA takes optical bands only; the input has SAR channel ids {row.int().tolist()}")
         tokens, _ = self.model.patch_embed(x["imgs"], row / 1000.0)  # DOFA wants micrometres

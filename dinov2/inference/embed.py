@@ -334,7 +334,7 @@ class _StreamBlender:
     rows go to the next strip's carry. Writes are idempotent, so a resumed strip is simply redone."""
 
     def __init__(self, emb: "SceneEmbedder", partial: str, stats, start: int):
-        self.emb, self.stats, self.partial = emb, stats, partial
+        self.emb, self.stats = emb, stats
         g = emb.grid
         self.n, self.o, self.st = g.chip, g.overlap, g.stride
         self.n_strips, self.ncols = len(g.row_starts), len(g.col_starts)

@@ -172,6 +172,7 @@ class GeobenchDataset(EvalDataset):
             raise ValueError(f"{src} has no statistics for bands {missing} (listed in "
                              f"{self.task_dir / 'task_specs.pkl'})")
         per_band: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        extra: List[str] = []  # multi-channel bands normalised from another source
         for b in self.band_names:
             n = self.band_channels[b] or 1
             try:
@@ -182,17 +183,16 @@ class GeobenchDataset(EvalDataset):
             if self.band_channels[b] is not None and mean.size == 1 and multiband_stats != "geobench":
                 mean, std = (self._train_channel_stats(b) if multiband_stats == "train"
                              else _stats_file_entry(multiband_stats, b, n))
-                src = f"{src} + {multiband_stats}"
+                extra.append(f"{b}: {multiband_stats}")
             if mean.size not in (1, n) or std.size != mean.size:
                 raise ValueError(f"{src}: band {b!r} has {mean.size} means / {std.size} stds for its {n} channels")
             per_band[b] = (np.broadcast_to(mean, (n,)), np.broadcast_to(std, (n,)))
         pick = [(per_band[b][0][k or 0], per_band[b][1][k or 0]) for b, k in self.channels]
-        return BandNormalizer([m for m, _ in pick], [s for _, s in pick], src)
+        return BandNormalizer([m for m, _ in pick], [s for _, s in pick],
+                              src + (f" ({', '.join(extra)})" if extra else ""))
 
     def _train_channel_stats(self, band: str) -> Tuple[np.ndarray, np.ndarray]:
         """Per-channel mean/std of multi-channel `band` over every pixel of the training split (cached)."""
-        import h5py
-
         key = (str(self.task_dir.resolve()), self.partition, band)
         if key not in _TRAIN_STATS_CACHE:
             if not self._train_samples:
@@ -201,13 +201,7 @@ class GeobenchDataset(EvalDataset):
             n = int(self.band_channels[band])
             total, total_sq, count = np.zeros(n), np.zeros(n), 0
             for name in self._train_samples:
-                path = self.task_dir / f"{name}.hdf5"
-                try:
-                    with h5py.File(path, "r") as fp:
-                        cube = _channels_first(_read_plain_dataset(fp, band, path, "biuf"), n, band, path)
-                except (OSError, KeyError, RuntimeError, TypeError) as e:
-                    raise UnreadableFileError(str(path), e) from e
-                flat = cube.reshape(n, -1).astype(np.float64)
+                flat = self._read_file(name, [band], with_mask=False)[1][band].reshape(n, -1).astype(np.float64)
                 total += flat.sum(1)
                 total_sq += np.square(flat).sum(1)
                 count += flat.shape[1]
@@ -223,8 +217,9 @@ class GeobenchDataset(EvalDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read_sample(self, name: str):
-        """Raw ``(imgs (C,H,W) float32, label, attr_dict)`` of one sample file (selected bands, unnormalised)."""
+    def _read_file(self, name: str, bands: Sequence[str], with_mask: bool):
+        """``(attr_dict, {band: (channels, H, W) array}, mask or None)`` of one sample file, with errors that name
+        it."""
         import h5py
 
         path = self.task_dir / f"{name}.hdf5"
@@ -235,19 +230,24 @@ class GeobenchDataset(EvalDataset):
                 if "pickle" not in fp.attrs:
                     raise ValueError(f"{path} has no 'pickle' attribute")
                 attrs = decode_attr_pickle(fp.attrs["pickle"], str(path))
-                missing = [b for b in self.band_names if b not in fp]
+                missing = [b for b in bands if b not in fp]
                 if missing:
                     raise ValueError(f"{path} lacks band datasets {missing} (has {sorted(fp.keys())})")
                 arrays = {b: _channels_first(_read_plain_dataset(fp, b, path, "biuf"), self.band_channels[b], b,
-                                             path) for b in self.band_names}
-                mask = _read_plain_dataset(fp, "label", path, "biu") if self.is_segmentation and "label" in fp \
-                    else None
+                                             path) for b in bands}
+                mask = _read_plain_dataset(fp, "label", path, "biu") if with_mask and "label" in fp else None
         except Exception as e:  # h5py/HDF5 report damaged files as OSError, KeyError, RuntimeError, TypeError ...
             if str(path) in str(e):
                 raise
             if isinstance(e, ValueError):
                 raise ValueError(f"{path}: {e}") from e
             raise UnreadableFileError(str(path), e) from e
+        return attrs, arrays, mask
+
+    def read_sample(self, name: str):
+        """Raw ``(imgs (C,H,W) float32, label, attr_dict)`` of one sample file (selected bands, unnormalised)."""
+        path = self.task_dir / f"{name}.hdf5"
+        attrs, arrays, mask = self._read_file(name, self.band_names, self.is_segmentation)
         # a segmentation mask fixes the grid (only coarse bands may be selected), as GEO-Bench's largest_shape does
         imgs = self._stack(arrays, path, None if mask is None else np.squeeze(mask).shape)
         if self.is_segmentation:
