@@ -95,19 +95,21 @@ def test_band_selection_and_refusals(neon_root, monkeypatch):
 
 
 def test_shipped_neontree_config_runs(monkeypatch, tmp_path):
-    """The shipped task config on m-NeonTree-format files (tiny model, 28 px, one epoch): 372-channel inputs
-    through the frozen backbone, both heads, an mIoU on test."""
+    """The shipped task config (PANGAEA protocol) on m-NeonTree-format files (tiny model: 2 blocks, 32 px windows
+    on the 40 px images, one epoch): 372-channel inputs through the frozen backbone, the UPerNet, an mIoU on test
+    computed at the native 40 px label size."""
     root = tmp_path / "geobench"
     write_geobench_neontree(root, {"train": 4, "valid": 2, "test": 2}, seed=1)
     monkeypatch.setenv("GEO_BENCH_DIR", str(root))
     monkeypatch.setenv("PANOPTICON_NO_TQDM", "1")
     run = make_run(tmp_path / "run")
     cfg = Path(eval_config_root()) / "1h" / "geobench" / "neontree-seg.yaml"
-    over = {"task.img_size": 28, "optim.epochs": 1, "optim.warmup_epochs": 0, "optim.dl.batch_size": 2,
-            "optim.dl.num_workers": 0, "heads.learning_rates": [1e-2], "heads.channels": 8,
-            "heads.n_last_blocks": 2}
+    over = {"task.img_size": 32, "optim.epochs": 1, "optim.dl.batch_size": 2, "optim.dl.num_workers": 0,
+            "heads.learning_rates": [1e-2], "heads.channels": 8, "heads.blocks": [0, 1]}
     res = main(str(run), str(cfg), output_dir=str(tmp_path / "out"), device="cpu", **over)
     (vals,) = res.values()
     assert 0.0 <= vals["mIoU"] <= 100.0 and 0.0 <= vals["pixel_acc"] <= 100.0
     detail = json.loads(next((tmp_path / "out").rglob("results_eval_segmentation.json")).read_text())
-    assert set(detail["all_val"]) == {"linear_lr_0_01000", "upernet_lr_0_01000"}
+    assert set(detail["all_val"]) == {"upernet_ppm_lr_0_01000"}
+    assert detail["protocol"] == "pangaea" and detail["inference"] == "sliding"
+    assert detail["test"]["m-NeonTree"]["n_pixels"] == 2 * 40 * 40  # native label resolution, every pixel

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from seg_fixtures import write_geobench_segmentation
@@ -43,15 +44,19 @@ def seg_world(tmp_path_factory):
     return {"root": root, "run": make_run(root / "run")}
 
 
-def confusion_miou(pred: np.ndarray, target: np.ndarray, n: int, ignore: int):
-    """mIoU over classes with a non-empty union, pixel accuracy: from a numpy confusion matrix."""
+def confusion_metrics(pred: np.ndarray, target: np.ndarray, n: int, ignore: int):
+    """Independent numpy oracle: IoU per class from a confusion matrix; mIoU over ALL classes (absent ones 0), over
+    the classes present in the target, mean F1, overall pixel accuracy."""
     keep = target != ignore
     cm = np.zeros((n, n), np.int64)
     np.add.at(cm, (target[keep], pred[keep]), 1)
     inter = np.diag(cm).astype(float)
     union = cm.sum(0) + cm.sum(1) - np.diag(cm)
-    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
-    return float(np.nanmean(iou)), float(inter.sum() / cm.sum()), iou
+    iou = inter / (union + 1e-6)
+    f1 = 2 * inter / (cm.sum(0) + cm.sum(1) + 1e-6)
+    present = cm.sum(1) > 0
+    return {"mIoU": iou.mean(), "mIoU_present_classes": iou[present].mean(), "mF1": f1.mean(),
+            "mAcc": inter.sum() / cm.sum(), "iou": iou}
 
 
 def test_seg_metrics_equal_confusion_matrix_with_absent_classes():
@@ -64,19 +69,24 @@ def test_seg_metrics_equal_confusion_matrix_with_absent_classes():
     for p, t in zip(pred, target):  # accumulated over batches
         m.update(torch.from_numpy(p[None]), torch.from_numpy(t[None]))
     out = m.compute()
-    miou, acc, iou = confusion_miou(pred, target, n, ignore)
-    assert out["mIoU"] == pytest.approx(miou, abs=1e-6)
-    assert out["pixel_acc"] == pytest.approx(acc, abs=1e-6)
-    assert out["IoU_per_class"][:4] == pytest.approx(list(iou[:4]), abs=1e-6)  # class 3 only predicted: IoU 0
-    assert out["IoU_per_class"][3] == 0.0 and out["IoU_per_class"][4:] == [None, None]
+    ref = confusion_metrics(pred, target, n, ignore)
+    for key in ("mIoU", "mIoU_present_classes", "mF1", "mAcc"):
+        assert out[key] == pytest.approx(ref[key], abs=1e-9), key
+    assert out["pixel_acc"] == out["mAcc"] and out["n_pixels"] == 3 * 8 * 10
+    assert out["IoU_per_class"] == pytest.approx(list(ref["iou"]), abs=1e-9)
+    assert out["IoU_per_class"][3:] == [0.0, 0.0, 0.0] and out["present_classes"] == [0, 1, 2]
+    # all classes count: mIoU = (IoU0 + IoU1 + IoU2) / 6, half the mean over the 3 present classes
+    assert out["mIoU"] == pytest.approx(out["mIoU_present_classes"] / 2)
 
 
 def test_hand_computed_miou():
-    # 2 classes: pred [0,0,1,1], target [0,1,1,1] -> IoU0 = 1/2, IoU1 = 2/3, mIoU = 7/12, acc = 3/4
-    m = SegMetrics(2, 255)
+    # 3 classes, class 2 absent: pred [0,0,1,1], target [0,1,1,1] -> IoU0 = 1/2, IoU1 = 2/3, IoU2 = 0,
+    # mIoU = 7/18 (all classes), 7/12 (present classes), F1 = 2/3, 4/5, 0, acc = 3/4
+    m = SegMetrics(3, 255)
     m.update(torch.tensor([[[0, 0, 1, 1]]]), torch.tensor([[[0, 1, 1, 1]]]))
     out = m.compute()
-    assert out["mIoU"] == pytest.approx(7 / 12) and out["pixel_acc"] == pytest.approx(0.75)
+    assert out["mIoU"] == pytest.approx(7 / 18) and out["mIoU_present_classes"] == pytest.approx(7 / 12)
+    assert out["mF1"] == pytest.approx((2 / 3 + 4 / 5) / 3) and out["pixel_acc"] == pytest.approx(0.75)
 
 
 def test_labels_outside_the_classes_are_refused():
@@ -105,16 +115,28 @@ def test_dense_collate_pads_to_patch_multiple_and_ignores_padding():
         assert torch.equal((xb["imgs"][0, 0] > 0.5).long(), yb[0])
 
 
-@pytest.mark.parametrize("kind", ["linear", "upernet"])
-def test_heads_shapes(kind):
-    head = build_dense_head(kind, [16, 16, 16], num_classes=5, channels=8)
+@pytest.mark.parametrize("kind,size", [("linear", (4, 6)), ("upernet", (16, 24)), ("upernet_ppm", (16, 24))])
+def test_heads_shapes(kind, size):
+    torch.manual_seed(0)
+    head = build_dense_head(kind, [16, 16, 16], num_classes=5, channels=8).eval()
     maps = [torch.randn(2, 16, 4, 6) for _ in range(3)]
     out = head(maps)
-    assert out.shape[:2] == (2, 5) and out.shape[-2] >= 4
-    # CNN-like stages: other widths and sizes, already a pyramid
-    head = build_dense_head(kind, [8, 16], num_classes=5, channels=8, pyramid=False)
-    out = head([torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)])
+    assert out.shape == (2, 5, *size)  # upernets: the finest pyramid level is x4 the patch grid
+    if kind == "linear":  # value oracle: BatchNorm (running stats) then a 1x1 conv of the concatenated maps
+        cat = torch.cat(maps, 1)
+        bn = head.bn
+        z = (cat - bn.running_mean[None, :, None, None]) / torch.sqrt(bn.running_var + bn.eps)[None, :, None, None]
+        z = z * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+        ref = torch.einsum("bchw,kc->bkhw", z, head.cls.weight[:, :, 0, 0]) + head.cls.bias[None, :, None, None]
+        assert torch.allclose(out, ref, atol=1e-5)
+    # CNN-like stages: other widths and sizes, already a pyramid (no resampling: the finest stage's grid)
+    head = build_dense_head(kind, [8, 16], num_classes=5, channels=8, pyramid=False).eval()
+    stages = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)]
+    out = head(stages)
     assert out.shape == (2, 5, 8, 8)
+    if kind == "linear":
+        up = F.interpolate(stages[1], size=(8, 8), mode="bilinear", align_corners=False)
+        assert torch.allclose(out, head.cls(head.bn(torch.cat([stages[0], up], 1))), atol=1e-6)
 
 
 def test_geobench_segmentation_masks_read_back(seg_world, monkeypatch):
@@ -138,13 +160,14 @@ def test_segmentation_task_end_to_end(seg_world, monkeypatch, tmp_path):
     res = main(str(seg_world["run"]), str(tmp_path / "cfg" / "cashew_seg.yaml"), output_dir=str(out), device="cpu")
     vals = res["cfg/cashew_seg"]
     # 3 classes with distinct spectra and textures: chance mIoU ~ 20; ~40 iterations learn the mask
-    assert vals["mIoU"] >= 75.0 and vals["pixel_acc"] >= 85.0
+    assert vals["mIoU"] >= 75.0 and vals["pixel_acc"] >= 85.0 and vals["pixel_acc"] == vals["mAcc"]
+    assert vals["mIoU_present_classes"] >= vals["mIoU"]
     detail = json.loads((out / "cfg/cashew_seg" / "results_eval_segmentation.json").read_text())
     assert len(detail["all_val"]) == 4  # 2 decoders x 2 lrs
     assert detail["all_val"]["linear_lr_0_01000"]["mIoU"] >= 70.0  # the linear head alone converges
     assert detail["test"]["cashew"]["mIoU"] == vals["mIoU"]
     rows = read_csv(out / "cfg/cashew_seg" / "results.csv")
-    assert {r["metric"] for r in rows} == {"mIoU", "pixel_acc"}
+    assert {r["metric"] for r in rows} == {"mIoU", "mIoU_present_classes", "mF1", "mAcc", "pixel_acc"}
     assert rows[0]["best_classifier"] == detail["best_head"]
     ckpt = torch.load(out / "cfg/cashew_seg" / "model_final.pth", weights_only=True)
     assert ckpt["best_head"] == detail["best_head"] and "backbone" not in ckpt
@@ -195,7 +218,8 @@ def test_shipped_segmentation_configs(name):
     path = Path(eval_config_root()) / "1h" / "geobench" / f"{name}.yaml"
     cfg = build_task_cfg(path)
     ds_name, ncls = SEG_TASKS[name]
-    assert cfg.task.id == "segmentation" and cfg.heads.decoders == ["linear", "upernet"]
+    assert cfg.task.id == "segmentation" and cfg.task.protocol == "pangaea" and cfg.heads.decoders == ["upernet_ppm"]
+    assert cfg.heads.blocks == [3, 5, 7, 11] and cfg.task.inference == "sliding" and cfg.optim.epochs == 80
     for ds in [cfg.train_dataset, cfg.val_dataset, *cfg.test_datasets_list]:
         assert ds.id == f"geobench.{ds_name}" and not ds.get("transform")
     meta = sensors.load_ds_cfg(ds_name)["metainfo"]

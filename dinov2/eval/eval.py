@@ -1,4 +1,4 @@
-"""Evaluation entry point (argparse, see ``dinov2.run.eval``), also callable from Python (training calls ``main``).
+"""Evaluation entry point (argparse, see ``dinov2.eval.cli``), also callable from Python (training calls ``main``).
 
     python dinov2/eval/eval.py main --model-obj="<run dir | .pth>[;...]" --config-obj="<yaml | dir>[;...]" \
         [--output-dir=DIR] [--overwrite] [--device=cpu|cuda] [--use-wandb] [--log-file=PATH] \
@@ -326,8 +326,7 @@ def _main(model_obj, config_obj, output_dir, overwrite, device, use_wandb, wandb
     return result
 
 
-if __name__ == "__main__":
-    from dinov2.run.cli import run_command
-    from dinov2.run.eval import main as cli_main
+if __name__ == "__main__":  # the script entry: the command line of dinov2.eval.cli (exit status as documented)
+    from dinov2.eval.cli import main as cli_main
 
-    sys.exit(run_command("eval", cli_main, sys.argv[1:], prog="dinov2/eval/eval.py main"))
+    sys.exit(cli_main(sys.argv[1:], prog="dinov2/eval/eval.py main"))

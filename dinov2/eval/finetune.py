@@ -21,7 +21,7 @@ from dinov2.eval.features import backbone_to_features, collate_eval, resolve_aut
 from dinov2.eval.linear import LinearHeads, _BatchStream, _check_labels, _loss_fn, evaluate_heads
 from dinov2.eval.metrics import Metric
 from dinov2.eval.model_loading import EvalBackbone
-from dinov2.eval.segmentation import backbone_param_groups, set_drop_path, warmup_cosine
+from dinov2.eval.dense_probe import backbone_param_groups, set_drop_path, warmup_cosine
 
 FeatKey = Tuple[int, str]
 

@@ -10,12 +10,16 @@ are averaged over the tries; as in the published (DINOv2) code the k values of a
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from dinov2.eval.metrics import Metric, compute_metrics
+from dinov2.eval import results as res
+from dinov2.eval.metrics import Metric, build_metrics, compute_metrics
+from dinov2.eval.registry import register_task
+from dinov2.eval.task_common import build_dataset, extract, num_classes_of, pct, plain, seed_of
 
 
 def _targets_as_votes(labels: torch.Tensor, num_classes: int, multilabel: bool) -> torch.Tensor:
@@ -119,3 +123,30 @@ def best_per_metric(results: Dict[Tuple[str, int], Dict[str, float]]) -> Dict[st
             if m not in best or v > best[m][0]:
                 best[m] = (v, str(key))
     return best
+
+
+@register_task("knn", "default_eval_knn.yaml")
+def run_knn_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dict[str, float]:
+    """Eval-CLI runner of ``task.id: knn``: train -> test kNN on frozen features; writes ``results_eval_knn.json``
+    (every (n_per_class, k)) and ``results.csv`` (best per metric)."""
+    seed = seed_of(cfg)
+    b2f = cfg.task.get("backbone_to_features", {})
+    spec = (int(b2f.get("use_n_blocks", 1)), str(b2f.get("pooling", "knn")))
+    train_ds, test_ds = build_dataset(cfg.train_dataset, seed), build_dataset(cfg.test_dataset, seed)
+    ncls = num_classes_of(train_ds, cfg)
+    tr_f, tr_y = extract(backbone, train_ds, [spec], cfg, device, "knn train")
+    te_f, te_y = extract(backbone, test_ds, [spec], cfg, device, "knn test")
+    heads = cfg.get("heads", {})
+    out = run_knn(tr_f[spec], tr_y, te_f[spec], te_y, build_metrics(plain(cfg.task.metrics)), ncls,
+                  ks=[int(k) for k in heads.get("nb_knn", [20])], temperature=float(heads.get("temperature", 0.07)),
+                  multilabel=bool(cfg.task.get("is_multilabel", False)),
+                  n_per_class_list=[int(n) for n in heads.get("n_per_class_list", [-1])],
+                  n_tries=int(heads.get("n_tries", 1)), seed=seed)
+    res.write_json(task_dir / "results_eval_knn.json",
+                   {str(k): {m: pct(v) for m, v in vals.items()} for k, vals in out.items()})
+    best = best_per_metric(out)
+    rows = [(m, pct(v), clf) for m, (v, clf) in best.items()]
+    res.write_task_csv(task_dir, rows)
+    res.plot_task(task_dir / "plots.png", f"kNN {task_dir.name}",
+                  bars={f"{m} {k}": pct(v) for k, vals in out.items() for m, v in vals.items()})
+    return {m: v for m, v, _ in rows}

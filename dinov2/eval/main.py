@@ -12,8 +12,7 @@ from dinov2.eval.eval import main  # noqa: E402
 
 __all__ = ["main"]
 
-if __name__ == "__main__":  # the same argparse front end as `python dinov2/eval/eval.py main ...`
-    from dinov2.run.cli import run_command
-    from dinov2.run.eval import main as cli_main
+if __name__ == "__main__":  # the script entry: the command line of dinov2.eval.cli (exit status as documented)
+    from dinov2.eval.cli import main as cli_main
 
-    sys.exit(run_command("eval", cli_main, sys.argv[1:], prog="dinov2/eval/main.py main"))
+    sys.exit(cli_main(sys.argv[1:], prog="dinov2/eval/main.py main"))

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+from dinov2.eval import results as res
+from dinov2.eval.registry import register_task
+from dinov2.eval.task_common import (build_dataset, dl_settings, extract, feat_specs, plain, require_tests, seed_of,
+                                     test_name)
 
 FeatKey = Tuple[int, str]
 
@@ -92,37 +97,33 @@ def predict(out: Mapping[str, object], name: str, feats: Mapping[FeatKey, torch.
     return out["heads"][name](feats[key]) * out["std"] + out["mean"]
 
 
+@register_task("regression", "default_eval_regression.yaml")
 def run_regression_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dict[str, float]:
     """Eval-CLI runner of ``task.id: regression``."""
-    from dinov2.eval import results as res
-    from dinov2.eval.tasks import _dl, _extract, _feat_specs, _plain, build_dataset
-
-    seed = int(cfg.get("seed", 42))
-    specs = _feat_specs(cfg)
-    tests_cfg = list(cfg.get("test_datasets_list") or [])
-    if not tests_cfg:
-        raise ValueError(f"Regression task {task_dir} has no test_datasets_list (results would be empty)")
-    train = _extract(backbone, build_dataset(cfg.train_dataset, seed), specs, cfg, device, "regression train")
-    val = _extract(backbone, build_dataset(cfg.val_dataset, seed), specs, cfg, device, "regression val")
+    seed = seed_of(cfg)
+    specs = feat_specs(cfg)
+    tests_cfg = require_tests(cfg, task_dir, "Regression")
+    train = extract(backbone, build_dataset(cfg.train_dataset, seed), specs, cfg, device, "regression train")
+    val = extract(backbone, build_dataset(cfg.val_dataset, seed), specs, cfg, device, "regression val")
     for what, (_, y) in (("train", train), ("val", val)):
         if y.dtype not in (torch.float32, torch.float64) or y.ndim not in (1, 2):
             raise ValueError(f"{task_dir.name}: regression needs float targets per image, the {what} split gives "
                              f"{y.dtype} of shape {tuple(y.shape)}")
     optim = cfg.get("optim", {})
     out = train_regression_heads(train, val, [float(lr) for lr in cfg.heads.learning_rates],
-                                 epochs=float(optim.get("epochs", 100)), batch_size=_dl(cfg)["batch_size"],
+                                 epochs=float(optim.get("epochs", 100)), batch_size=dl_settings(cfg)["batch_size"],
                                  seed=seed, weight_decay=float(optim.get("weight_decay", 0.0)))
     best = min(out["val_mse"], key=out["val_mse"].get)
     tests = {}
     for i, tcfg in enumerate(tests_cfg):
-        name = tcfg.get("display_name") or f"test{i}"
-        feats, y = _extract(backbone, build_dataset(tcfg, seed), specs, cfg, device, f"regression {name}")
+        name = test_name(tcfg, i)
+        feats, y = extract(backbone, build_dataset(tcfg, seed), specs, cfg, device, f"regression {name}")
         tests[name] = regression_metrics(predict(out, best, feats), y)
     rows = []
     for name, vals in tests.items():
         for m in ("MSE", "RMSE", "MAE", "R2"):
             rows.append((m if len(tests) == 1 else f"{name}/{m}", round(float(vals[m]), 6), best))
-    names = _plain(cfg.task.get("target_names")) or None
+    names = plain(cfg.task.get("target_names")) or None
     res.write_json(task_dir / "results_eval_regression.json", {
         "best_regressor": best, "target_names": names, "val_mse": out["val_mse"], "test": tests})
     res.write_json(task_dir / "training_metrics.json", {"train_loss": out["train_loss"]})

@@ -20,10 +20,16 @@ Band subsets are given per task in one of these forms, so one task file works fo
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from dinov2.eval import results as res
+from dinov2.eval.features import select_channels
+from dinov2.eval.registry import register_task
+from dinov2.eval.task_common import build_dataset, extract, plain, seed_of
 
 SUBSET_KEYS = ("channels", "wavelength_nm", "alternate", "bands")
 
@@ -117,3 +123,43 @@ def retrieval_metrics(emb_a: torch.Tensor, emb_b: torch.Tensor, ks: Sequence[int
     out["mean_other_cosine"] = round(other_sum / (n * (n - 1)), 4)
     out["n_samples"] = n
     return out
+
+
+@register_task("retrieval", "default_eval_retrieval.yaml")
+def run_retrieval_task(cfg, backbone, task_dir: Path, device: Optional[str]) -> Dict[str, float]:
+    """Eval-CLI runner of ``task.id: retrieval``."""
+    ds = build_dataset(cfg.test_dataset, seed_of(cfg))
+    b2f = cfg.task.get("backbone_to_features", {})
+    spec = (int(b2f.get("use_n_blocks", 1)), str(b2f.get("pooling", "knn")))
+    query_spec, key_spec = plain(cfg.task.query_bands), plain(cfg.task.key_bands)
+    seen: Dict[Tuple[tuple, tuple], int] = {}  # (query ids, key ids) -> number of samples (mixed sensors)
+
+    def subset(which: str):
+        def fn(x):  # one group of samples sharing channel ids
+            ids = x["chn_ids"][0]
+            idx_a = resolve_band_subset(query_spec, ids, "query_bands")
+            idx_b = resolve_band_subset(key_spec, ids, "key_bands")
+            check_disjoint(idx_a, idx_b)
+            if which == "query":
+                flat = ids[..., 0] if ids.ndim == 2 else ids
+                pair = (tuple(flat[idx_a].tolist()), tuple(flat[idx_b].tolist()))
+                seen[pair] = seen.get(pair, 0) + x["imgs"].shape[0]
+            return select_channels(x, idx_a if which == "query" else idx_b)
+        return fn
+
+    fa, _ = extract(backbone, ds, [spec], cfg, device, "retrieval query", subset("query"))
+    fb, _ = extract(backbone, ds, [spec], cfg, device, "retrieval key", subset("key"))
+    ks = [int(k) for k in cfg.task.get("ks", [1, 5])]
+    out = retrieval_metrics(fa[spec], fb[spec], ks)
+    subsets = [{"query_chn_ids": list(q), "key_chn_ids": list(k), "n_samples": n} for (q, k), n in seen.items()]
+    res.write_json(task_dir / "results_eval_retrieval.json",
+                   dict(out, band_subsets=subsets, chance_recall_at_1=round(100.0 / out["n_samples"], 2)))
+    first = subsets[0]
+    note = f"query={first['query_chn_ids']} key={first['key_chn_ids']}"
+    if len(subsets) > 1:
+        note += f" (+{len(subsets) - 1} other sensor band sets)"
+    rows = [(m, v, note) for m, v in out.items()]
+    res.write_task_csv(task_dir, rows)
+    res.plot_task(task_dir / "plots.png", f"cross-band retrieval {task_dir.name}",
+                  bars={m: v for m, v in out.items() if m.startswith("recall@")})
+    return dict(out)

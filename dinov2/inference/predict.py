@@ -64,6 +64,8 @@ class SegmentationHead(nn.Module):
         self.name = str(state["best_head"])
         self.decoder = self.name.split("_lr_")[0]
         self.num_classes, self.n_blocks = int(state["num_classes"]), int(state["n_last_blocks"])
+        # the blocks the head was trained on: 0-based indices (e.g. the PANGAEA protocol's 3, 5, 7, 11) or the last n
+        self.blocks = [int(b) for b in state["blocks"]] if state.get("blocks") is not None else self.n_blocks
         if self.num_classes > NODATA_CLASS:
             raise ValueError(f"{path}: {self.num_classes} classes do not fit a uint8 class map")
         self.class_names = list(state.get("class_names") or [f"class_{k}" for k in range(self.num_classes)])
@@ -79,7 +81,7 @@ class SegmentationHead(nn.Module):
         self.head.eval()
 
     def forward(self, backbone: nn.Module, x: Dict[str, torch.Tensor]) -> torch.Tensor:
-        maps = backbone.get_intermediate_layers(x, n=self.n_blocks, reshape=True, norm=True)
+        maps = backbone.get_intermediate_layers(x, n=self.blocks, reshape=True, norm=True)
         return self.head([m.float() for m in maps])
 
 
