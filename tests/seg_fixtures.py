@@ -11,10 +11,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from eval_fixtures import TASK_BANDS, fake_geobench, _write_sample
+from eval_fixtures import CLOUD, TASK_BANDS, cloud_band, fake_geobench, _write_sample
 
-SEG_TASK_BANDS = {**TASK_BANDS, "m-pv4ger-seg": ["Red", "Green", "Blue"],
-                  "m-chesapeake-landcover": ["Red", "Green", "Blue", "NearInfrared"]}
+SEG_TASK_BANDS = TASK_BANDS
 
 
 def block_mask(rng: np.random.Generator, size: int, block: int, n_classes: int) -> np.ndarray:
@@ -36,7 +35,7 @@ def write_geobench_segmentation(root: Path, task: str, n_per_split: Dict[str, in
     texture = rng.normal(size=(n_classes, block, block)) * 3.0  # class -> pattern inside a tile
     with fake_geobench() as gb:
         ds, lb, tk = gb["geobench.dataset"], gb["geobench.label"], gb["geobench.task"]
-        infos = [ds.SpectralBand(n, (n.lower(),), 10.0, None) for n in names]
+        infos = [cloud_band(ds) if n == CLOUD else ds.SpectralBand(n, (n.lower(),), 10.0, None) for n in names]
         label_type = lb.SegmentationClasses("label", n_classes, [f"class_{c}" for c in range(n_classes)])
         specs = tk.TaskSpecifications(task, "segmentation_v1.0", (size, size), 1, infos, None, label_type,
                                       lb.Accuracy(), None, 10.0)

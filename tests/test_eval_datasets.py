@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from eval_fixtures import write_benv2, write_eurosat_sar, write_geobench_task, write_resisc45
+from eval_fixtures import S2_12, fake_geobench, write_benv2, write_eurosat_sar, write_geobench_task, write_resisc45
 
 from dinov2.data import sensors
 from dinov2.data.datasets.geobench import GeobenchDataset, GeobenchPickleError, decode_attr_pickle, safe_loads
+
+S2_IDS_12 = [442, 492, 559, 664, 704, 740, 782, 827, 864, 945, 1613, 2203]  # Sentinel-2 without B10
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +64,44 @@ def test_geobench_so2sat_band_subset(geobench_env):
     assert x["imgs"].shape[0] == 12
 
 
+def _file_oracle(task_dir, sample, bands):
+    """Independent reading of one sample file: the named band datasets z-scored with band_stats.json, the label
+    dataset, and the attribute pickle (decoded with the GEO-Bench stand-in classes)."""
+    import ast
+    import json
+
+    import h5py
+
+    stats = json.loads((task_dir / "band_stats.json").read_text())
+    with h5py.File(task_dir / f"{sample}.hdf5") as f, fake_geobench():
+        imgs = np.stack([(np.asarray(f[b], np.float64) - stats[b]["mean"]) / stats[b]["std"] for b in bands])
+        mask = np.asarray(f["label"]) if "label" in f else None
+        attrs = pickle.loads(ast.literal_eval(f.attrs["pickle"]))
+    return torch.from_numpy(imgs).float(), mask, attrs
+
+
 def test_geobench_multilabel_and_segmentation(geobench_env):
-    x, y = GeobenchDataset("m-bigearthnet", split="train")[0]
-    assert x["imgs"].shape[0] == 12 and y.shape == (43,) and y.dtype == torch.float32 and y.sum() == 2
-    x, mask = GeobenchDataset("m-cashew-plant", split="train")[0]
-    assert mask.shape == (16, 16) and mask.dtype == torch.int64 and mask.unique().numel() == 1
+    ds = GeobenchDataset("m-bigearthnet", split="train")
+    x, y = ds[0]
+    imgs, _, attrs = _file_oracle(ds.task_dir, ds.samples[0], S2_12)
+    assert torch.allclose(x["imgs"], imgs, atol=1e-5) and x["chn_ids"].tolist() == S2_IDS_12
+    assert y.dtype == torch.float32 and y.tolist() == [float(v) for v in attrs["label"]] and y.sum() == 2
+    # m-cashew-plant files hold the 12 spectral bands AND a cloud-probability band: the 12 are selected by name
+    ds = GeobenchDataset("m-cashew-plant", split="train")
+    assert [i.name for i in ds.task_specs.bands_info] == S2_12 + ["Cloud Probability"]
+    x, mask = ds[1]
+    imgs, file_mask, _ = _file_oracle(ds.task_dir, ds.samples[1], S2_12)
+    assert x["chn_ids"].tolist() == S2_IDS_12 and torch.allclose(x["imgs"], imgs, atol=1e-5)
+    assert mask.dtype == torch.int64 and torch.equal(mask, torch.from_numpy(file_mask.astype(np.int64)))
+
+
+def test_geobench_so2sat_values(geobench_env):
+    """m-so2sat keeps VH real, VV real and the 10 Sentinel-2 bands (file bands 0, 2, 8..17), z-scored."""
+    ds = GeobenchDataset("m-so2sat", split="train")
+    names = [i.name for i in ds.task_specs.bands_info]
+    x, y = ds[0]
+    imgs, _, attrs = _file_oracle(ds.task_dir, ds.samples[0], [names[i] for i in [0, 2, *range(8, 18)]])
+    assert torch.allclose(x["imgs"], imgs, atol=1e-5) and y == attrs["label"]
 
 
 def test_geobench_refuses_foreign_pickle_classes(geobench_env):
@@ -159,12 +194,20 @@ def test_benv2_channel_order_and_labels(tmp_path):
 def test_eurosat_sar(tmp_path):
     from dinov2.data.datasets.eurosat_sar import CLASSES, EurosatSAR
 
+    import pandas as pd
+    import tifffile
+
     write_eurosat_sar(tmp_path, {"train": 4, "val": 2, "test": 2})
     ds = EurosatSAR(str(tmp_path), split="train,val")
     assert len(ds) == 6 and ds.num_classes == 10
-    x, y = ds[0]
-    assert x["imgs"].shape == (2, 16, 16) and x["chn_ids"].tolist() == [-1, -2]
-    assert CLASSES[y] in ("Forest", "River", "Industrial")
+    rows = pd.concat([pd.read_csv(tmp_path / "train.csv"), pd.read_csv(tmp_path / "val.csv")], ignore_index=True)
+    for i in (0, 5):  # a train and a val sample: the file's VV, VH in dB z-scored with the published statistics
+        x, y = ds[i]
+        raw = tifffile.imread(tmp_path / rows.filepath[i]).astype(np.float64)  # (H, W, 2)
+        ref = (raw - [-11.6568, -18.4975]) / [6.0908, 6.1924]
+        assert x["chn_ids"].tolist() == [-1, -2]
+        assert torch.allclose(x["imgs"], torch.from_numpy(ref.transpose(2, 0, 1)).float(), atol=1e-5)
+        assert y == CLASSES.index(rows.class_name[i])
     with pytest.raises(FileNotFoundError, match="small_train.csv"):
         EurosatSAR(str(tmp_path), split="small_train")
     with pytest.raises(FileNotFoundError, match="nowhere"):

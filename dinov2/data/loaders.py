@@ -106,6 +106,9 @@ def make_dataset(cfg: Dict[str, Any], pretrain_augm_cfg: Optional[Dict[str, Any]
         cls = get_dataset_class(ds_id)
         if ds_id.startswith("geobench."):
             cfg.setdefault("ds_name", ds_id.split(".", 1)[1])
+        if getattr(cls, "SHARD_SUBSET", False):  # streamed shards: `subset` picks shards (seeded), not samples
+            cfg.update(subset=subset, seed=cfg.get("seed", seed))
+            subset = -1
         try:
             dataset = cls(transform=_build_transform(transform_cfg), **cfg)
         except TypeError as e:
@@ -114,7 +117,7 @@ def make_dataset(cfg: Dict[str, Any], pretrain_augm_cfg: Optional[Dict[str, Any]
     if idx is not None:
         logger.info("dataset %s: subset %s -> %d of %d samples", ds_id, subset, len(idx), len(dataset))
         dataset = Subset(dataset, idx.tolist())
-    dataset.is_webdataset = False
+    dataset.is_webdataset = isinstance(dataset, torch.utils.data.IterableDataset)
     return dataset
 
 

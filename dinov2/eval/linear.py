@@ -125,6 +125,16 @@ def batch_index_stream(n: int, batch_size: int, seed: int) -> Iterator[List[int]
         yield batch
 
 
+def _passes(loader) -> Iterator:
+    """Batches of an iterable dataset's loader, pass after pass (each pass shuffles anew)."""
+    while True:
+        n = 0
+        for n, batch in enumerate(loader, 1):
+            yield batch
+        if n == 0:
+            raise ValueError("the training stream yields no full batch (fewer samples than the batch size?)")
+
+
 class _BatchStream(torch.utils.data.Sampler):
     """``batch_index_stream`` as a DataLoader batch sampler."""
 
@@ -238,12 +248,17 @@ def train_linear_probes_online(backbone, train_dataset, val: FeatSet, tests: Map
     torch.manual_seed(seed)  # reproducible augmentations (DataLoader workers derive their seeds from it)
     bs = min(batch_size, n_train)
     max_iter = max(1, math.ceil(n_train * epochs / batch_size))
-    loader = torch.utils.data.DataLoader(train_dataset, batch_sampler=_BatchStream(n_train, bs, seed),
-                                         num_workers=num_workers, collate_fn=collate_eval,
-                                         pin_memory=dev.type == "cuda")
+    if isinstance(train_dataset, torch.utils.data.IterableDataset):  # streamed shards: pass after pass
+        loader = torch.utils.data.DataLoader(train_dataset, batch_size=bs, drop_last=True, num_workers=num_workers,
+                                             collate_fn=collate_eval, pin_memory=dev.type == "cuda")
+        batches = _passes(loader)
+    else:
+        loader = torch.utils.data.DataLoader(train_dataset, batch_sampler=_BatchStream(n_train, bs, seed),
+                                             num_workers=num_workers, collate_fn=collate_eval,
+                                             pin_memory=dev.type == "cuda")
+        batches = iter(loader)
     vf = _to(val[0], dev)
     run: Optional[_ProbeTraining] = None
-    batches = iter(loader)
     bar = tqdm(range(1, max_iter + 1), desc="linear probe (on-the-fly features)",
                disable=not progress or os.environ.get("PANOPTICON_NO_TQDM") == "1")
     for it in bar:

@@ -28,8 +28,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "embed": ("dinov2.run.embed", "georeferenced embeddings of GeoTIFF/COG/STAC scenes (COG + GeoParquet)"),
     "search": ("dinov2.run.search", "find the chips most similar to a chip or a point in a chips.parquet"),
     "predict": ("dinov2.run.predict", "apply a trained segmentation head to scenes: class and probability COGs"),
-    "prepare_data": ("dinov2.run.prepare_data", "build metadata/split files of downloaded datasets (MMEarth, "
-                     "EuroSAT-SAR)"),
+    "prepare_data": ("dinov2.run.prepare_data", "build metadata/split files and shards of downloaded datasets "
+                     "(MMEarth, EuroSAT-SAR, BigEarthNet-v2 shards)"),
 }
 
 EPILOG = """examples:

@@ -14,6 +14,7 @@ _REGISTRY: Dict[str, str] = {
     "FmowDataset": "fmow:FmowDataset",
     "MMEarth": "mmearth:MMEarth",
     "SatlasDataset": "satlas:SatlasDataset",
+    "satl_webdataset": "satlas_wds:SatlasShards",
     "SpectralEarth": "spectral_earth:SpectralEarthDataset",
     "SpectralEarthDataset": "spectral_earth:SpectralEarthDataset",
     "GeoTiffScenes": "geotiff_scenes:GeoTiffScenes",
@@ -21,6 +22,7 @@ _REGISTRY: Dict[str, str] = {
     "geobench": "geobench:GeobenchDataset",  # used as `geobench.<task name>`
     "resisc45": "resisc45:RESISC45",
     "benv2": "benv2:BigEarthNetv2",
+    "benv2_webdataset": "benv2_wds:BENv2Shards",
     "eurosat-sar": "eurosat_sar:EurosatSAR",
     "hyperview": "hyperview:Hyperview",
     # the user's own labelled data

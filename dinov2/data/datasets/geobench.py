@@ -5,13 +5,16 @@ On-disk layout (``$GEO_BENCH_DIR/{classification,segmentation}_v1.0/<task>/``):
 - ``default_partition.json`` (and ``<name>_partition.json``): ``{"train": [...], "valid": [...], "test": [...]}``
   sample names;
 - ``band_stats.json``: ``{band name: {"mean", "std", "min", "max", ...}}``;
-- ``<sample>.hdf5``: one dataset per band (named by the band name; segmentation masks in ``label``) and an
-  attribute ``pickle`` = ``str(pickle.dumps(attr_dict))`` holding per-band metadata and ``label``.
+- ``<sample>.hdf5``: one dataset per band (named by the band name, plus ``_<date>`` for dated bands; segmentation
+  masks in ``label``) and an attribute ``pickle`` = ``str(pickle.dumps(attr_dict))`` holding ``bands_order``, each
+  dataset's metadata (its ``band_info`` names the band) and ``label``.
 
-Multi-channel bands (GEO-Bench ``MultiBand`` / ``HyperSpectralBands``, e.g. m-NeonTree's 369-channel "Neon" cube,
-stored as one ``(H, W, n_bands)`` dataset) expand to ``n_bands`` channels. The dataset band YAML may list only
-some GEO-Bench bands as model inputs (metainfo ``geobench_bands``; m-NeonTree: Red, Green, Blue, Neon, without the
-canopy height model, which has no wavelength). Bands of coarser resolution are resampled bilinearly to the finest
+Bands are selected by GEO-Bench band name, as the published band lists do: the dataset band YAML's
+``band_subselect_by_geob_id`` names the GEO-Bench bands that are model inputs, in channel order (m-cashew-plant and
+m-SA-crop-type: the 12 Sentinel-2 bands, without the cloud-probability band their files also hold; m-NeonTree:
+Red, Green, Blue, Neon, without the canopy height model, which has no wavelength); without it every band of
+``task_specs.pkl`` is an input. Multi-channel bands (GEO-Bench ``MultiBand`` / ``HyperSpectralBands``, e.g.
+m-NeonTree's 369-channel "Neon" cube, stored as one ``(H, W, n_bands)`` dataset) expand to ``n_bands`` channels. Bands of coarser resolution are resampled bilinearly to the finest
 grid. ``band_stats.json`` has one mean/std per band name; for a multi-channel band with a single (scalar) entry,
 per-channel statistics are computed from the task's training split by default (``multiband_stats``).
 
@@ -97,12 +100,7 @@ class GeobenchDataset(EvalDataset):
         self.partition = partition
         specs_path = self.task_dir / "task_specs.pkl"
         self.band_channels = {b.name: _band_channel_count(b, specs_path) for b in self.task_specs.bands_info}
-        all_bands = list(self.band_channels)
-        model_bands = list(meta.get("geobench_bands") or all_bands)
-        unknown = [b for b in model_bands if b not in self.band_channels]
-        if unknown:
-            raise ValueError(f"{ds_name}: geobench_bands {unknown} of the band YAML are not in {specs_path} "
-                             f"(bands: {all_bands})")
+        model_bands = self._model_bands(meta, specs_path)
         # one (band name, channel index within the band or None) per model-input channel, in band-YAML order
         channels = [(b, k) for b in model_bands
                     for k in ([None] if self.band_channels[b] is None else range(self.band_channels[b]))]
@@ -110,7 +108,7 @@ class GeobenchDataset(EvalDataset):
         if chn_ids.shape[0] != len(channels):
             raise ValueError(f"{ds_name}: {specs_path} gives {len(channels)} channels for bands {model_bands} "
                              f"(multi-channel bands expanded) but the band YAML has {chn_ids.shape[0]} entries")
-        idx = self._band_indices(model_bands, channels, bands, meta, so2sat_keep_bands)
+        idx = self._band_indices(model_bands, channels, bands, so2sat_keep_bands)
         self.channels = [channels[i] for i in idx]
         self.band_names = list(dict.fromkeys(b for b, _ in self.channels))
         self.chn_ids = chn_ids[idx]
@@ -145,7 +143,24 @@ class GeobenchDataset(EvalDataset):
                              "list of named bands")
         return specs
 
-    def _band_indices(self, model_bands, channels, bands, meta, so2sat_keep_bands) -> List[int]:
+    def _model_bands(self, meta, specs_path: Path) -> List[str]:
+        """The GEO-Bench bands that are model inputs, in channel order: the band YAML's
+        ``band_subselect_by_geob_id`` (GEO-Bench band names or alternative names, as published; old name
+        ``geobench_bands``) or else every band of ``task_specs.pkl``."""
+        wanted = meta.get("band_subselect_by_geob_id") or meta.get("geobench_bands")
+        if not wanted:
+            return list(self.band_channels)
+        by_name = {}
+        for info in self.task_specs.bands_info:
+            for alias in (info.name, *(getattr(info, "alt_names", None) or ())):
+                by_name.setdefault(str(alias), info.name)
+        unknown = [b for b in wanted if str(b) not in by_name]
+        if unknown:
+            raise ValueError(f"{self.ds_name}: band_subselect_by_geob_id names {unknown}, which {specs_path} does not "
+                             f"have (bands: {list(self.band_channels)})")
+        return [by_name[str(b)] for b in wanted]
+
+    def _band_indices(self, model_bands, channels, bands, so2sat_keep_bands) -> List[int]:
         """Indices into `channels` of the channels to keep."""
         if bands is not None:
             missing = [b for b in bands if b not in model_bands]
@@ -157,7 +172,6 @@ class GeobenchDataset(EvalDataset):
         keep = so2sat_keep_bands
         if keep is None and self.ds_name == "m-so2sat":
             keep = _SO2SAT_DEFAULT_KEEP
-        keep = keep if keep is not None else meta.get("band_subselect_by_geob_id")
         if keep is None:
             return list(range(len(channels)))
         bad = [i for i in keep if not 0 <= int(i) < len(channels)]
@@ -230,12 +244,14 @@ class GeobenchDataset(EvalDataset):
                 if "pickle" not in fp.attrs:
                     raise ValueError(f"{path} has no 'pickle' attribute")
                 attrs = decode_attr_pickle(fp.attrs["pickle"], str(path))
-                missing = [b for b in bands if b not in fp]
+                where = _dataset_names(attrs, list(fp.keys()), path)
+                missing = [b for b in bands if b not in where]
                 if missing:
                     raise ValueError(f"{path} lacks band datasets {missing} (has {sorted(fp.keys())})")
-                arrays = {b: _channels_first(_read_plain_dataset(fp, b, path, "biuf"), self.band_channels[b], b,
-                                             path) for b in bands}
-                mask = _read_plain_dataset(fp, "label", path, "biu") if with_mask and "label" in fp else None
+                arrays = {b: _channels_first(_read_plain_dataset(fp, where[b], path, "biuf"), self.band_channels[b],
+                                             b, path) for b in bands}
+                mask = (_read_plain_dataset(fp, where["label"], path, "biu")
+                        if with_mask and "label" in where else None)
         except Exception as e:  # h5py/HDF5 report damaged files as OSError, KeyError, RuntimeError, TypeError ...
             if str(path) in str(e):
                 raise
@@ -292,6 +308,24 @@ class GeobenchDataset(EvalDataset):
     def __getitem__(self, i: int):
         imgs, label, _ = self.read_sample(self.samples[i])
         return self.make_sample(imgs, label)
+
+
+def _dataset_names(attrs: Dict, keys: Sequence[str], path: Path) -> Dict[str, str]:
+    """Band name -> HDF5 dataset name of one sample file. GEO-Bench's writer names a dataset by its band name plus
+    ``_<date>`` when the band has a date, and lists the datasets in ``bands_order``, each with its ``band_info``;
+    the band name is read from there (as GEO-Bench's own loader does), else the dataset name is the band name."""
+    out: Dict[str, str] = {}
+    for key in attrs.get("bands_order") or keys:
+        entry = attrs.get(key)
+        info = entry.get("band_info") if isinstance(entry, dict) else None
+        name = str(getattr(info, "name", None) or key)
+        if name in out:
+            raise ValueError(f"{path}: datasets {out[name]!r} and {key!r} both hold band {name!r} (a time series?); "
+                             "GEO-Bench v1.0 samples have one date per band")
+        out[name] = str(key)
+    if "label" not in out and "label" in keys:
+        out["label"] = "label"
+    return out
 
 
 def _band_channel_count(info, specs_path: Path) -> Optional[int]:
