@@ -277,7 +277,7 @@ def test_wandb_summary_entries_without_wandb():
     out = summary_entries(res)
     assert out["_rgb"] == 70.0 and out["_avg"] == 75.0 and out["5min/m-eurosat_knn/acc_top-1_macro"] == 70.0
     assert "_sar" not in out  # no key of that group present
-    assert set(summary_entries(res, only_avg=True)) == {"_avg", "_rgb", "_ms", "_rgb_ms", "_avg1", "_avg2"}
+    assert set(summary_entries(res, only_avg=True)) == {"_avg", "_rgb", "_ms", "_rgb_ms", "_avg1", "_avg2", "_avg1_sim"}
     assert upload_results(None, res) is False  # no run folder with a wandb/ directory -> nothing to do
 
 

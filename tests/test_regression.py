@@ -27,6 +27,19 @@ def test_metrics_equal_independent_formulas():
     assert out["per_variable"]["R2"] == pytest.approx(list(r2), rel=1e-5)
 
 
+def test_challenge_score_against_its_definition():
+    """HYPERVIEW's score: per parameter MSE / MSE of predicting the training mean, averaged over the parameters."""
+    y = torch.tensor([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])
+    p = torch.tensor([[2.0, 10.0], [3.0, 20.0], [4.0, 20.0]])
+    train_mean = torch.tensor([2.0, 25.0])
+    out = regression_metrics(p, y, train_mean=train_mean)
+    # variable 0: MSE (1 + 0 + 1) / 3, baseline (1 + 1 + 9) / 3 -> 2/11; variable 1: 100/3 vs (225+25+25)/3 -> 4/11
+    assert out["per_variable"]["relative_MSE"] == pytest.approx([2 / 11, 4 / 11])
+    assert out["relative_MSE"] == pytest.approx(3 / 11) and out["MSE"] == pytest.approx((2 / 3 + 100 / 3) / 2)
+    assert regression_metrics(y, y, train_mean=train_mean)["relative_MSE"] == 0.0
+    assert "relative_MSE" not in regression_metrics(p, y)
+
+
 def test_hand_computed_r2():
     # y = [1, 2, 3], p = [1, 2, 4]: SSE = 1, SST = 2 -> R2 = 0.5; MSE = 1/3; MAE = 1/3
     out = regression_metrics(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.0, 2.0, 3.0]))
@@ -59,7 +72,7 @@ def test_regression_task_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("PANOPTICON_NO_TQDM", "1")
     root = write_hyperview(tmp_path / "hv", n=40)
     ds = {"id": "hyperview", "root": str(root), "img_size": 16}
-    cfg = {"task": {"id": "regression", "target_names": ["P", "K", "Mg", "pH"]},
+    cfg = {"task": {"id": "regression", "target_names": ["P", "K", "Mg", "pH"], "select_on": "relative_MSE"},
            "train_dataset": {**ds, "split": "train"}, "val_dataset": {**ds, "split": "val"},
            "test_datasets_list": [{**ds, "split": "test", "display_name": "hv"}],
            "heads": {"n_last_blocks_list": [1], "pooling": ["avgpool"], "learning_rates": [1e-2, 1e-1]},
@@ -68,8 +81,15 @@ def test_regression_task_end_to_end(tmp_path, monkeypatch):
     run = make_run(tmp_path / "run")
     res = main(str(run), str(tmp_path / "cfg" / "hv.yaml"), output_dir=str(tmp_path / "out"), device="cpu")
     vals = res["cfg/hv"]
-    assert set(vals) == {"MSE", "RMSE", "MAE", "R2"}
+    assert set(vals) == {"relative_MSE", "MSE", "RMSE", "MAE", "R2"}
     assert vals["R2"] > 0.5  # targets are affine in the field brightness; a predict-the-mean model gives ~0
+    assert vals["relative_MSE"] < 0.5  # far better than predicting the training mean (1.0)
     detail = json.loads((tmp_path / "out/cfg/hv/results_eval_regression.json").read_text())
     assert detail["target_names"] == ["P", "K", "Mg", "pH"] and len(detail["val_mse"]) == 2
+    scores = detail["val_relative_mse"]  # the head is the one best on the challenge score, not on the raw MSE
+    assert detail["selected_on"] == "relative_MSE" and detail["best_regressor"] == min(scores, key=scores.get)
+    # the reported score is the test MSE of each parameter over that of predicting the training mean
+    per = detail["test"]["hv"]["per_variable"]
+    assert vals["relative_MSE"] == pytest.approx(np.mean(np.array(per["MSE"]) / np.array(per["baseline_MSE"])),
+                                                 abs=1e-5)
     assert read_csv(tmp_path / "out/cfg/hv/results.csv")[0]["best_classifier"] == detail["best_regressor"]

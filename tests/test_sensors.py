@@ -1,7 +1,7 @@
 """Sensor registry: ids of the reference tables, lookup by key/name, dataset band lists, errors."""
 import pytest
 import torch
-from published_tables import ENMAP_PRODUCT_NM, ENMAP_PUBLISHED_IDS, INTUITION_IDS, NEON_HS_IDS
+from published_tables import ENMAP_PRODUCT_NM, ENMAP_PUBLISHED_IDS, INTUITION_IDS, NEON_HS_IDS, PUBLISHED_SRF
 
 from dinov2.data import sensors
 
@@ -83,10 +83,21 @@ def test_lookup_by_key_or_name_case_insensitive():
     assert sensors.band_chn_ids("sentinel1", ["vv_desc", "VH"]).tolist() == [-9, -2]
 
 
+@pytest.mark.parametrize("sensor,table", [("sentinel2", "sentinel2"), ("landsat9", "landsat9"),
+                                          ("landsat8", "landsat9"), ("qb2_ge1", "qb2_ge1"), ("wv23", "wv23"),
+                                          ("superdove", "superdove"), ("drone", "drone")])
+def test_spectral_responses_are_the_published_fits(sensor, table):
+    """mu and sigma of every band: the published tables' values (Landsat 8 shares Landsat 9's)."""
+    expected = PUBLISHED_SRF[table]
+    assert list(sensors.sensor_bands(sensor)) == list(expected)
+    pairs = sensors.band_chn_ids(sensor, list(expected), full_spectra=True)
+    assert pairs.reshape(-1).tolist() == pytest.approx([x for v in expected.values() for x in v], rel=1e-6)
+
+
 def test_full_spectra_pairs():
     ids = sensors.band_chn_ids("sentinel2", ["B01", "B02"], full_spectra=True)
     assert ids.shape == (2, 2) and ids.dtype == torch.float32
-    assert ids[0].tolist() == pytest.approx([442.92, 7.2])
+    assert ids[0].tolist() == pytest.approx(list(PUBLISHED_SRF["sentinel2"]["B01"]), rel=1e-6)
     sar = sensors.band_chn_ids("sentinel1", ["B05"], full_spectra=True)
     assert sar.tolist() == [[-5.0, -1.0]]
 

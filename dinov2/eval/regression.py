@@ -3,9 +3,11 @@
 Features of every (n_last_blocks, pooling) combination are extracted once per split with the split's (eval)
 transform; targets are standardised with the train split's mean/std; one linear head per (feature key, lr) is
 trained with AdamW on the mean squared error of the standardised targets (all heads on the same mini-batches,
-cosine schedule); the head with the lowest validation MSE is reported on the test split(s). Metrics come from
-torchmetrics in the targets' own units: ``MSE``, ``RMSE``, ``MAE`` and ``R2`` (averaged over target variables;
-per-variable values in ``results_eval_regression.json``).
+cosine schedule); the head with the lowest validation score (``task.select_on``: ``MSE`` averaged over the
+variables, or ``relative_MSE``) is reported on the test split(s). Metrics come from torchmetrics in the targets'
+own units: ``MSE``, ``RMSE``, ``MAE`` and ``R2`` (averaged over target variables), and ``relative_MSE``: each
+variable's MSE divided by the MSE of predicting the training mean, averaged over the variables -- the score of the
+HYPERVIEW challenge (1 = that baseline, lower is better). Per-variable values in ``results_eval_regression.json``.
 
 Regression was not part of the published evaluation engine; the protocol follows its linear probes (frozen
 backbone, several blocks/poolings/lrs at once, model selection on validation) on cached features.
@@ -25,10 +27,15 @@ from dinov2.eval.task_common import (build_dataset, dl_settings, extract, feat_s
                                      test_name)
 
 FeatKey = Tuple[int, str]
+SELECT_ON = {"MSE": "val_mse", "relative_MSE": "val_relative_mse"}  # validation score that picks the head
 
 
-def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, object]:
-    """torchmetrics MSE / RMSE / MAE / R2 (uniform average over variables) and per-variable lists."""
+def regression_metrics(pred: torch.Tensor, target: torch.Tensor,
+                       train_mean: Optional[torch.Tensor] = None) -> Dict[str, object]:
+    """torchmetrics MSE / RMSE / MAE / R2 (uniform average over variables) and per-variable lists; with
+    ``train_mean`` (the training targets' mean per variable) also ``relative_MSE``: each variable's MSE divided by
+    the MSE of predicting ``train_mean``, averaged over the variables (the HYPERVIEW challenge score; 1 = that
+    baseline, lower is better)."""
     from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
 
     pred, target = pred.float().reshape(len(pred), -1), target.float().reshape(len(target), -1)
@@ -37,10 +44,18 @@ def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> Dict[str, ob
     per_mse = [float(mean_squared_error(pred[:, j], target[:, j])) for j in range(target.shape[1])]
     per_mae = [float(mean_absolute_error(pred[:, j], target[:, j])) for j in range(target.shape[1])]
     per_r2 = [float(r2_score(pred[:, j], target[:, j])) for j in range(target.shape[1])]
-    return {"MSE": sum(per_mse) / len(per_mse), "RMSE": sum(math.sqrt(v) for v in per_mse) / len(per_mse),
-            "MAE": sum(per_mae) / len(per_mae),
-            "R2": float(r2_score(pred, target, multioutput="uniform_average")),
-            "per_variable": {"MSE": per_mse, "MAE": per_mae, "R2": per_r2}}
+    out = {"MSE": sum(per_mse) / len(per_mse), "RMSE": sum(math.sqrt(v) for v in per_mse) / len(per_mse),
+           "MAE": sum(per_mae) / len(per_mae), "R2": float(r2_score(pred, target, multioutput="uniform_average")),
+           "per_variable": {"MSE": per_mse, "MAE": per_mae, "R2": per_r2}}
+    if train_mean is not None:
+        base = [float(mean_squared_error(train_mean.float().reshape(-1)[j].expand(len(target)),
+                                                         target[:, j])) for j in range(target.shape[1])]
+        if min(base) <= 0:
+            raise ValueError("relative_MSE is undefined: a target variable equals the training mean on every sample")
+        mean_relative = [m / b for m, b in zip(per_mse, base)]
+        out["relative_MSE"] = sum(mean_relative) / len(mean_relative)
+        out["per_variable"].update({"baseline_MSE": base, "relative_MSE": mean_relative})
+    return out
 
 
 def train_regression_heads(train: Tuple[Mapping[FeatKey, torch.Tensor], torch.Tensor],
@@ -83,11 +98,13 @@ def train_regression_heads(train: Tuple[Mapping[FeatKey, torch.Tensor], torch.Te
             losses.append(float(loss.detach()) / len(specs))
             it += 1
     vfeats, vy = val
+    vy = vy.float().reshape(len(vy), -1)
     with torch.no_grad():
-        val_mse = {name: float(nn.functional.mse_loss(heads[name](vfeats[key]) * sd + mu,
-                                                      vy.float().reshape(len(vy), -1)))
-                   for name, (key, _) in specs.items()}
-    return {"heads": heads, "specs": specs, "mean": mu, "std": sd, "val_mse": val_mse, "train_loss": losses}
+        val_err = {name: ((heads[name](vfeats[key]) * sd + mu) - vy).pow(2).mean(0) for name, (key, _) in specs.items()}
+    base = (vy - mu).pow(2).mean(0).clamp_min(1e-12)  # predicting the training mean
+    return {"heads": heads, "specs": specs, "mean": mu, "std": sd, "train_loss": losses,
+            "val_mse": {n: float(e.mean()) for n, e in val_err.items()},
+            "val_relative_mse": {n: float((e / base).mean()) for n, e in val_err.items()}}
 
 
 @torch.no_grad()
@@ -113,19 +130,24 @@ def run_regression_task(cfg, backbone, task_dir: Path, device: Optional[str]) ->
     out = train_regression_heads(train, val, [float(lr) for lr in cfg.heads.learning_rates],
                                  epochs=float(optim.get("epochs", 100)), batch_size=dl_settings(cfg)["batch_size"],
                                  seed=seed, weight_decay=float(optim.get("weight_decay", 0.0)))
-    best = min(out["val_mse"], key=out["val_mse"].get)
+    select_on = str(cfg.task.get("select_on") or "MSE")
+    if select_on not in SELECT_ON:
+        raise ValueError(f"task.select_on must be one of {list(SELECT_ON)}, got {select_on!r}")
+    val_scores = out[SELECT_ON[select_on]]
+    best = min(val_scores, key=val_scores.get)
     tests = {}
     for i, tcfg in enumerate(tests_cfg):
         name = test_name(tcfg, i)
         feats, y = extract(backbone, build_dataset(tcfg, seed), specs, cfg, device, f"regression {name}")
-        tests[name] = regression_metrics(predict(out, best, feats), y)
+        tests[name] = regression_metrics(predict(out, best, feats), y, train_mean=out["mean"])
     rows = []
     for name, vals in tests.items():
-        for m in ("MSE", "RMSE", "MAE", "R2"):
+        for m in ("relative_MSE", "MSE", "RMSE", "MAE", "R2"):
             rows.append((m if len(tests) == 1 else f"{name}/{m}", round(float(vals[m]), 6), best))
     names = plain(cfg.task.get("target_names")) or None
     res.write_json(task_dir / "results_eval_regression.json", {
-        "best_regressor": best, "target_names": names, "val_mse": out["val_mse"], "test": tests})
+        "best_regressor": best, "selected_on": select_on, "target_names": names, "val_mse": out["val_mse"],
+        "val_relative_mse": out["val_relative_mse"], "test": tests})
     res.write_json(task_dir / "training_metrics.json", {"train_loss": out["train_loss"]})
     torch.save({"heads": out["heads"].state_dict(), "best_regressor": best, "target_mean": out["mean"],
                 "target_std": out["std"]}, task_dir / "model_final.pth")

@@ -11,12 +11,13 @@ On-disk layout (``$GEO_BENCH_DIR/{classification,segmentation}_v1.0/<task>/``):
 
 Bands are selected by GEO-Bench band name, as the published band lists do: the dataset band YAML's
 ``band_subselect_by_geob_id`` names the GEO-Bench bands that are model inputs, in channel order (m-cashew-plant and
-m-SA-crop-type: the 12 Sentinel-2 bands, without the cloud-probability band their files also hold; m-NeonTree:
-Red, Green, Blue, Neon, without the canopy height model, which has no wavelength); without it every band of
+m-SA-crop-type: the 12 Sentinel-2 bands, without the cloud-probability band their files also hold; m-NeonTree: Red,
+Green, Blue, Neon, without the canopy height model, which has no wavelength); without it every band of
 ``task_specs.pkl`` is an input. Multi-channel bands (GEO-Bench ``MultiBand`` / ``HyperSpectralBands``, e.g.
-m-NeonTree's 369-channel "Neon" cube, stored as one ``(H, W, n_bands)`` dataset) expand to ``n_bands`` channels. Bands of coarser resolution are resampled bilinearly to the finest
-grid. ``band_stats.json`` has one mean/std per band name; for a multi-channel band with a single (scalar) entry,
-per-channel statistics are computed from the task's training split by default (``multiband_stats``).
+m-NeonTree's 369-channel "Neon" cube, stored as one ``(H, W, n_bands)`` dataset) expand to ``n_bands`` channels.
+Bands of coarser resolution are resampled bilinearly to the finest grid. ``band_stats.json`` has one mean/std per
+band name; for a multi-channel band with a single (scalar) entry, per-channel statistics are computed from the
+task's training split by default (``multiband_stats``).
 
 Pickles are never executed: ``SafeGeobenchUnpickler`` (``geobench_pickle``) only materialises a short allow-list of
 GEO-Bench classes (as plain local records), numeric numpy data rebuilt from plain bytes, datetime values and a few
