@@ -81,25 +81,45 @@ def test_subset_rules():
 AUGM = {"id": "PanopticonAugmentation", "global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 2}
 
 
+# the sensors (band YAMLs) whose channels each pretraining dataset's views carry
+SENSOR_CFGS = {"FmowDataset": ["fmow_s2", "fmow_wv23", "fmow_rgb"], "MMEarth": ["mmearth_s1", "mmearth_s2"],
+               "SatlasDataset": ["satlas_s1", "satlas_s2", "satlas_landsat"], "SpectralEarth": ["spectral_earth"]}
+
+
+def _check_crop(crop, allowed_ids):
+    """A padded crop: real channels carry ids of the dataset's sensors, padded ones are zero images."""
+    real = ~crop["spec_masks"]
+    assert real.any() and set(crop["chn_ids"][real].tolist()) <= allowed_ids
+    assert (crop["imgs"][crop["spec_masks"]] == 0).all() and torch.isfinite(crop["imgs"]).all()
+    assert crop["imgs"][real].std() > 0  # real pixels, not a constant fill
+
+
 @pytest.mark.parametrize("name", sorted(CFGS))
 def test_every_dataset_feeds_the_pretrain_augmentation(env, name):
-    pytest.importorskip("dinov2.data.augmentations")
+    from dinov2.data.sensors import ds_chn_ids
+
+    allowed = {int(i) for ds_name in SENSOR_CFGS[name] for i in ds_chn_ids(ds_name)}
     ds = make_dataset({**CFGS[name], "pretrain_augm_overwrites": {"local_crops_number": 3}}, pretrain_augm_cfg=AUGM)
     out = ds[1]
     assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == 3
     for crop in out["global_crops"]:
         assert crop["imgs"].shape == (13, 32, 32) and crop["imgs"].dtype == torch.float32
         assert crop["chn_ids"].shape[0] == 13 and crop["spec_masks"].shape == (13,)
-        assert torch.isfinite(crop["imgs"]).all()
+        _check_crop(crop, allowed)
+    for crop in out["local_crops"]:
+        assert crop["imgs"].shape[-2:] == (16, 16)
+        _check_crop(crop, allowed)
 
 
 def test_make_dataset_with_pretrain_augmentation(env):
-    pytest.importorskip("dinov2.data.augmentations")
-    augm = AUGM
-    scenes = make_dataset(_scene_cfg(env), pretrain_augm_cfg=augm)
-    assert scenes[0]["global_crops"][1]["imgs"].shape == (13, 32, 32)
+    from dinov2.data.sensors import ds_chn_ids
+
+    scenes = make_dataset(_scene_cfg(env), pretrain_augm_cfg=AUGM)
+    crop = scenes[0]["global_crops"][1]
+    assert crop["imgs"].shape == (13, 32, 32)
+    _check_crop(crop, {int(i) for i in ds_chn_ids("fmow_s2")})  # the scene's Sentinel-2 bands
     concat = make_dataset({"id": "ConcatDataset", "datasets": [_scene_cfg(env)],
-                           "pretrain_augm_overwrites": {"global_crops_size": 16}}, pretrain_augm_cfg=augm)
+                           "pretrain_augm_overwrites": {"global_crops_size": 16}}, pretrain_augm_cfg=AUGM)
     assert concat[0]["global_crops"][0]["imgs"].shape[-1] == 16
 
 

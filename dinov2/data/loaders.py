@@ -149,6 +149,14 @@ def make_data_loader(dataset: Dataset, batch_size: int, num_workers: int, sample
     infinite sampler) every sample and batch is seeded from `(seed, stream position)`, independent of workers,
     so a resumed stream (`sampler_advance`) is bit-identical; unreadable samples are then replaced (up to
     `max_sample_replacements` in a row) and reported in `batch['bad_samples']` (`dinov2.data.sample_stream`)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # streamed shards order and split themselves
+        if per_sample_seeding or sampler_advance:
+            logger.warning("data loader: %s streams its samples; a resumed run continues with a new seeded order "
+                           "(no per-sample seeding or exact stream positions)", type(dataset).__name__)
+        return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
+                          pin_memory=pin_memory, worker_init_fn=worker_init_fn, collate_fn=collate_fn,
+                          generator=torch.Generator().manual_seed(int(seed) + int(sampler_advance)),
+                          persistent_workers=persistent_workers and num_workers > 0)
     sampler = make_sampler(dataset, sampler_type, shuffle, seed, sampler_advance, with_positions=per_sample_seeding)
     generator = None
     if per_sample_seeding:

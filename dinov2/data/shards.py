@@ -143,30 +143,39 @@ def _open_stage(src: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
 class ShardStream(torch.utils.data.IterableDataset):
     """Samples ``make_sample(members)`` of ``shards`` (``members``: ``{'__key__', '<field>': bytes}``), each
     pass in a new seeded order when ``shuffle`` (shards shuffled, then a ``shuffle_buffer``-sample buffer), else
-    in index order. DataLoader workers split the shards between them. ``len()`` is the number of samples."""
+    in index order; ``endless`` streams pass after pass (pretraining). DataLoader workers split the shards between
+    them. ``len()`` is the number of samples of one pass."""
 
     def __init__(self, shards: Sequence[str], counts: Dict[str, int], make_sample: Callable[[Dict], Any],
-                 shuffle: bool = False, shuffle_buffer: int = 1000, seed: int = 0):
+                 shuffle: bool = False, shuffle_buffer: int = 1000, seed: int = 0, endless: bool = False):
         super().__init__()
         self.shards, self.counts, self.make_sample = list(shards), dict(counts), make_sample
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, int(shuffle_buffer), int(seed)
+        self.endless = endless
         self._passes = 0
 
     def __len__(self) -> int:
         return sum(self.counts[s] for s in self.shards)
 
-    def _pass_seed(self) -> int:
+    def _pass_seed(self) -> str:
         info = torch.utils.data.get_worker_info()
         self._passes += 1
-        # in a loader worker: the base seed the loader drew for this pass (equal in all its workers); in the main
-        # process: the pass number
-        return (info.seed - info.id) if info is not None else self._passes
+        # in a loader worker: the base seed the loader drew when it was iterated (equal in all its workers) and the
+        # worker's own pass count; in the main process: the pass count
+        base = (info.seed - info.id) if info is not None else 0
+        return f"{self.seed}:{base}:{self._passes}"
 
     def __iter__(self):
+        while True:
+            yield from self._one_pass()
+            if not self.endless:
+                return
+
+    def _one_pass(self):
         import webdataset as wds
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
-        rng = random.Random(f"{self.seed}:{self._pass_seed()}")
+        rng = random.Random(self._pass_seed())
         shards = list(self.shards)
         if self.shuffle:
             rng.shuffle(shards)
