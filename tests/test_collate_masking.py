@@ -72,8 +72,18 @@ def test_simulated_hyperspectral_batch_collates_with_full_spectra():
                                  global_crops_size=28, local_crops_size=14)
     samples = [aug([hs_view()]) for _ in range(2)]
     out = collate_data_and_cast(samples, (0.1, 0.5), 0.5, torch.float16, patch_size=14)
-    assert out["collated_global_crops"]["chn_ids"].shape == (4, 13, 2)
-    assert out["collated_local_crops"]["chn_ids"].shape == (8, 4, 2)
+    glob, loc = out["collated_global_crops"], out["collated_local_crops"]
+    assert glob["chn_ids"].shape == (4, 13, 2) and loc["chn_ids"].shape == (8, 4, 2)
+    # value oracle: crop-major stacking (crop 0 of every sample, then crop 1, ...); images cast to fp16, ids and
+    # masks unchanged; every real channel is a (mu, sigma) pair inside the cube's 400-2500 nm
+    for family, batch, n in (("global_crops", glob, 2), ("local_crops", loc, 4)):
+        order = [s[family][c] for c in range(n) for s in samples]
+        assert torch.equal(batch["imgs"], torch.stack([c["imgs"] for c in order]).half())
+        assert batch["imgs"].dtype == torch.float16
+        assert torch.equal(batch["chn_ids"], torch.stack([c["chn_ids"] for c in order]))
+        assert torch.equal(batch["spec_masks"], torch.stack([c["spec_masks"] for c in order]))
+        real = batch["chn_ids"][~batch["spec_masks"]]
+        assert ((real[:, 0] >= 400) & (real[:, 0] <= 2500) & (real[:, 1] > 0)).all()
 
 
 def test_mask_statistics_within_ratio_bounds():

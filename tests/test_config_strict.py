@@ -18,10 +18,54 @@ def _cluster_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("ODIR", str(tmp_path / "odir"))
 
 
+def _leaves(node, prefix=""):
+    """``(dotted key, value)`` of every non-mapping value of a YAML tree (lists count as values)."""
+    for k, v in node.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _same(got, want) -> bool:
+    """Equal as loaded, where a YAML 1.1 parser reads exponent floats (``1.0e-4``) as strings."""
+    if isinstance(want, str) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        try:
+            return float(want) == float(got)
+        except ValueError:
+            return False
+    return got == want
+
+
+def _check_loaded(cfg, files, skip=()):
+    """Every plain value written in ``files`` (later files win; keys in ``skip`` aside) is the loaded value at its
+    key; returns how many were checked."""
+    from omegaconf import OmegaConf
+
+    expected = {}
+    for f in files:
+        expected.update(_leaves(yaml.safe_load(Path(f).read_text()) or {}))
+    checked = 0
+    for key, want in expected.items():
+        if key in skip or key.startswith("_") or "${" in str(want) or "???" in str(want):
+            continue
+        got = OmegaConf.select(cfg, key)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert _same(got, want), f"{key}: loaded {got!r}, file says {want!r}"
+        checked += 1
+    return checked
+
+
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
 @pytest.mark.parametrize("fastdevrun", [False, True])
 def test_every_shipped_training_config_passes(name, fastdevrun):
-    load_config(str(CONFIG_DIR / name), [], fastdevrun=fastdevrun)
+    from dinov2.utils.config import FASTDEVRUN_CONFIG
+
+    cfg = load_config(str(CONFIG_DIR / name), [], fastdevrun=fastdevrun)
+    files = [CONFIG_DIR / name] + ([FASTDEVRUN_CONFIG] if fastdevrun else [])
+    assert _check_loaded(cfg, files) > 5
+    if fastdevrun:  # the tiny run's values win over the file's
+        assert cfg.train.batch_size_per_gpu == 2 and cfg.optim.epochs == 1 and cfg.train.OFFICIAL_EPOCH_LENGTH == 10
 
 
 @pytest.mark.parametrize("path", EVAL_TASKS, ids=[p.relative_to(CONFIG_DIR / "eval").as_posix() for p in EVAL_TASKS])
@@ -32,7 +76,10 @@ def test_every_shipped_eval_task_passes(path):
     ov = {"train_dataset.subset": 20, "test_dataset.subset": 20, "optim.dl.batch_size": 20}
     if "_vars:\n  scenes: ???" in path.read_text():
         ov["_vars.scenes"] = "/data/scenes.yaml"
-    build_task_cfg(path, ov)
+    cfg = build_task_cfg(path, ov)
+    assert _check_loaded(cfg, [path], skip=set(ov)) >= 2
+    assert cfg.optim.dl.batch_size == 20 and cfg.train_dataset.subset == 20 and cfg.test_dataset.subset == 20
+    assert cfg.task.id == yaml.safe_load(path.read_text())["task"]["id"]
 
 
 def test_misspelled_override_names_key_and_closest_valid_key():

@@ -312,7 +312,9 @@ def test_bf16_autocast_close_to_fp32(tmp_path, run_dir):
         with rasterio.open(tmp_path / prec / "b_patches.tif") as src:
             outs[prec] = src.read()
     assert not np.array_equal(outs["fp32"], outs["bf16"])  # autocast really ran in bf16
-    np.testing.assert_allclose(outs["bf16"], outs["fp32"], atol=0.1 * np.abs(outs["fp32"]).max())
+    a, b = (outs[p].reshape(outs[p].shape[0], -1).astype(np.float64) for p in ("bf16", "fp32"))
+    rel = np.linalg.norm(a - b, axis=0) / np.linalg.norm(b, axis=0)  # per patch embedding
+    assert rel.max() < 0.03  # bf16 rounding (8 mantissa bits); a wrong cast or channel order gives O(1)
 
 
 def test_scenes_in_different_crs_share_a_wgs84_table(tmp_path, run_dir):

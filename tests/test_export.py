@@ -97,7 +97,12 @@ def test_export_refuses_rgb_backbone_and_bad_size():
 
 def test_example_inputs_shapes():
     imgs, ids = example_inputs(2, 5, 28)
-    assert imgs.shape == (2, 5, 28, 28) and ids.shape == (2, 5)
+    assert imgs.shape == (2, 5, 28, 28) and ids.shape == (2, 5) and imgs.dtype == ids.dtype == torch.float32
+    # distinct optical wavelengths from 450 to 2200 nm, the same for every image of the batch
+    assert ids.tolist() == [[450.0, 887.5, 1325.0, 1762.5, 2200.0]] * 2
+    # seeded standard-normal pixels: the same on every call, mean ~0 and std ~1 over 7840 values
+    again, _ = example_inputs(2, 5, 28)
+    assert torch.equal(imgs, again) and abs(imgs.mean().item()) < 0.05 and abs(imgs.std().item() - 1) < 0.05
 
 
 def test_cli_exports_a_checkpoint_with_its_config(tmp_path, capsys):

@@ -49,8 +49,19 @@ def test_panopticon_file_roundtrip_strict(tmp_path):
 
 def test_dinov2_backbones_build():
     model = hubconf.dinov2_vits14(pretrained=False)
-    assert model.pos_embed.shape == (1, 1370, 384)
+    assert model.pos_embed.shape == (1, 1370, 384) and len(model.blocks) == 12  # ViT-S/14 at 518 px
     assert model.blocks[0].ls1.gamma[0].item() == 1.0
+    # value oracle: timm's independent DINOv2 ViT-S/14 with the same weights computes the same function
+    timm = pytest.importorskip("timm", reason="timm is in the baselines extra")
+    ours = hubconf.dinov2_vits14(pretrained=False, depth=2, img_size=28).eval()
+    ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, depth=2, num_classes=0)
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing and unexpected == ["mask_token"]  # every parameter has its counterpart
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, want = ours.forward_features(x), ref.eval().forward_features(x)
+    torch.testing.assert_close(out["x_norm_clstoken"], want[:, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["x_norm_patchtokens"], want[:, 1:], rtol=0, atol=1e-5)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

@@ -37,8 +37,19 @@ def test_fixture_is_the_released_layout(release):
     assert sorted(os.listdir(base)) == ["data_1M_v001.h5", "data_1M_v001_band_stats.json",
                                         "data_1M_v001_splits.json", "data_1M_v001_tile_info.json"]
     with h5py.File(os.path.join(base, "data_1M_v001.h5")) as f:
-        assert f["sentinel2"].dtype == np.uint16 and f["sentinel2"].shape[1] == 13
-        assert f["metadata"].dtype.names == ("tile_id", "S2_type")
+        assert f["sentinel2"].dtype == np.uint16 and f["sentinel2"].shape == (5, 13, 16, 16)
+        assert f["sentinel1"].shape == (5, 8, 16, 16) and f["metadata"].dtype.names == ("tile_id", "S2_type")
+        tile_ids = [t.decode() for t in f["metadata"]["tile_id"]]
+        s2_types = [t.decode() for t in f["metadata"]["S2_type"]]
+        assert np.isneginf(f["sentinel1"][4]).all() and (f["sentinel2"][1, 10] == 0).all()  # no S1; l2a w/o B10
+    tile_info = json.load(open(os.path.join(base, "data_1M_v001_tile_info.json")))
+    assert list(tile_info) == tile_ids and [tile_info[t]["S2_type"] for t in tile_ids] == s2_types
+    assert tile_info[tile_ids[4]]["BANDS"]["sentinel1_asc"] is None and "B10" not in tile_info[tile_ids[1]][
+        "BANDS"]["sentinel2"]
+    splits = json.load(open(os.path.join(base, "data_1M_v001_splits.json")))
+    assert sorted(splits["train"] + splits["val"] + splits["test"]) == list(range(5))  # a partition of the rows
+    stats = json.load(open(os.path.join(base, "data_1M_v001_band_stats.json")))
+    assert len(stats["sentinel2_l1c"]["mean"]) == 13 and len(stats["sentinel1"]["std"]) == 8
 
 
 def test_values_and_channel_ids_from_the_release(release):
