@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from seg_fixtures import write_geobench_segmentation
+from seg_fixtures import SEG_TASK_BANDS, write_geobench_segmentation
 from test_eval_engine import make_run, read_csv, write_task
 
 from dinov2.eval.dense_heads import build_dense_head
@@ -146,10 +145,14 @@ def test_geobench_segmentation_masks_read_back(seg_world, monkeypatch):
     monkeypatch.setenv("GEO_BENCH_DIR", str(seg_world["root"] / "geobench"))
     ds = GeobenchDataset("m-cashew-plant", split="test")
     x, y = ds[2]
+    stats = json.loads((ds.task_dir / "band_stats.json").read_text())
+    spectral = [b for b in SEG_TASK_BANDS["m-cashew-plant"] if b != "Cloud Probability"]  # the 12 inputs
     with h5py.File(ds.task_dir / f"{ds.samples[2]}.hdf5") as f:
         expected = np.asarray(f["label"])
+        imgs = np.stack([(np.asarray(f[b], np.float64) - stats[b]["mean"]) / stats[b]["std"] for b in spectral])
     assert y.dtype == torch.long and torch.equal(y, torch.from_numpy(expected.astype(np.int64)))
-    assert x["imgs"].shape == (12, 32, 32) and len(ds) == 6
+    assert len(ds) == 6 and len(spectral) == 12
+    assert torch.allclose(x["imgs"], torch.from_numpy(imgs).float(), atol=1e-5)  # z-scored, cloud band left out
 
 
 def test_segmentation_task_end_to_end(seg_world, monkeypatch, tmp_path):
