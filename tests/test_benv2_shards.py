@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import ROOT
 from eval_fixtures import write_benv2
 from servers import RangeHandler, http_server, s3_server
 
@@ -125,3 +126,21 @@ def test_bad_index_and_members_are_named(release, tmp_path):
         BENv2Shards(str(folder))
     with pytest.raises(ValueError, match="already holds shards"):
         prepare_main(["benv2-shards", str(release), "--splits", "test", "--bands", "s1", "--shards", "1"])
+
+
+def test_shipped_benv2_task_runs_on_the_shards(release, tmp_path, monkeypatch):
+    """The published 15min/saropt/benv2-sar task as shipped (10 % of the training shards, linear heads on streamed
+    batches) on the shards prepare_data wrote, with a tiny model and few iterations."""
+    from test_eval_engine import make_run
+
+    from dinov2.eval.eval import main
+
+    monkeypatch.setenv("PANOPTICON_NO_TQDM", "1")
+    task = ROOT / "dinov2" / "configs" / "eval" / "15min" / "saropt" / "benv2-sar.yaml"
+    over = {"_vars.shards": str(release / "wds"), "_vars.transform": [{"id": "Resize", "size": 16}],
+            "optim.epochs": 4, "optim.dl": {"batch_size": 4, "num_workers": 0},
+            "heads.n_last_blocks_list": [1], "heads.learning_rates": [0.1]}
+    res = main(str(make_run(tmp_path / "run")), str(task), output_dir=str(tmp_path / "out"), device="cpu", **over)
+    vals = res["15min/saropt/benv2-sar"]
+    assert set(vals) == {"MulLabAvergPrec_micro", "MulLabAvergPrec_macro"}
+    assert all(0.0 < v <= 100.0 for v in vals.values())
