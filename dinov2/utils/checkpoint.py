@@ -21,13 +21,35 @@ def _split_patterns(patterns: Union[None, str, Iterable[str]]) -> List[str]:
     return [str(p) for p in patterns]
 
 
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Tensors and header metadata of a `.safetensors` file (needs the `safetensors` package, extra `hub`)."""
+    try:
+        from safetensors import safe_open
+    except ImportError as exc:
+        raise ImportError(f"reading {path} needs safetensors: pip install 'panopticon[hub]'") from exc
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # a truncated or foreign file: safetensors raises its own error types
+        raise RuntimeError(f"could not read safetensors file {path}: {exc}") from exc
+
+
 def load_checkpoint_file(path: str, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Load a local checkpoint file or an http(s) URL (downloaded once into the torch hub cache)."""
+    """Load a local checkpoint (`.pth` or `.safetensors`) or an http(s) URL (downloaded once into the weights
+    cache, keyed by the URL: `dinov2.weights_cache`)."""
     if str(path).startswith(("http://", "https://")):
-        return torch.hub.load_state_dict_from_url(str(path), map_location=map_location, weights_only=True)
+        from dinov2.weights_cache import cached_download
+
+        path = cached_download(str(path))
     path = os.path.expandvars(os.path.expanduser(str(path)))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(SAFETENSORS_SUFFIX):
+        tensors, _ = read_safetensors(path)
+        return {k: v.to(map_location) for k, v in tensors.items()}
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated downloads and non-checkpoint files end up here
@@ -172,3 +194,19 @@ def write_atomic(path: str, write: Callable[[str], None], suffix: str = "") -> s
 def save_atomic(obj: Any, path: str) -> None:
     """`torch.save` to a temp file in the same folder, then `os.replace`: readers never see a partial file."""
     write_atomic(path, lambda tmp: torch.save(obj, tmp), suffix=".pth")
+
+
+# safetensors header metadata: the `student` config section (JSON) that rebuilds the backbone
+STUDENT_METADATA_KEY = "panopticon.student"
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
+                     metadata: Optional[Mapping[str, str]] = None) -> str:
+    """Write `state_dict` as `.safetensors` atomically (tensors made contiguous; shared storage copied)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError as exc:
+        raise ImportError(f"writing {path} needs safetensors: pip install 'panopticon[hub]'") from exc
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=SAFETENSORS_SUFFIX)
