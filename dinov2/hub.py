@@ -26,16 +26,12 @@ from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 
+from dinov2.hub_entries import STUDENT_CONFIGS
+
 logger = logging.getLogger("dinov2")
 
 # published torch.hub configuration of panopticon_vitb14, as a student config section
-HUB_STUDENT_CFG: Dict[str, Any] = {
-    "arch": "vit_base", "patch_size": 14, "layerscale": 1e-5, "ffn_layer": "mlp", "block_chunks": 0,
-    "qkv_bias": True, "proj_bias": True, "ffn_bias": True, "num_register_tokens": 0,
-    "interpolate_antialias": False, "interpolate_offset": 0.1, "embed_layer": "PanopticonPE",
-    "pos_emb_img_size": 518,
-    "pe_args": {"attn_dim": 2304, "chnfus_cfg": {"layer_norm": False, "attn_cfg": {"num_heads": 16}}},
-}
+HUB_STUDENT_CFG: Dict[str, Any] = STUDENT_CONFIGS["panopticon_vitb14"]
 
 # Panopticon was pretrained on per-band z-scored inputs ((x - mean) / std per dataset and band); there are no
 # global constants, so statistics come from the data (the scene itself unless the user gives them).
@@ -55,6 +51,7 @@ class ModelInfo:
     normalization: str = NORMALIZATION
     default_norm_stats: str = "scene"
     ckpt_path: Optional[str] = None
+    config: Optional[Dict[str, Any]] = None  # the `student` config section that rebuilds the architecture
 
 
 @dataclass
@@ -173,7 +170,9 @@ def build_backbone(spec: ModelSpec) -> nn.Module:
     model, _ = build_model(spec.student_cfg, only_teacher=True, img_size=img_size)
     missing, unexpected = load_pretrained_weights(model, spec.weights)
     if missing:
-        raise RuntimeError(f"Checkpoint {spec.ckpt_path} does not fit the configured backbone: missing "
+        from dinov2.weights_cache import WeightsError
+
+        raise WeightsError(f"Checkpoint {spec.ckpt_path} does not fit the configured backbone: missing "
                            f"{len(missing)} keys, e.g. {missing[:5]}")
     if unexpected:
         logger.warning("ignored %d unexpected keys from %s, e.g. %s", len(unexpected), spec.ckpt_path,
@@ -188,14 +187,15 @@ def hub_names() -> List[str]:
     return sorted(ENTRY_POINTS)
 
 
-def _finish(model: nn.Module, source: str, kind: str, ckpt_path: Optional[str]) -> nn.Module:
+def _finish(model: nn.Module, source: str, kind: str, ckpt_path: Optional[str],
+            config: Optional[Dict[str, Any]]) -> nn.Module:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     any_sensor = type(model.patch_embed).__name__ == "PanopticonPE"
     model.info = ModelInfo(source=source, kind=kind, patch_size=int(model.patch_size),
                            embed_dim=int(model.embed_dim), n_blocks=int(model.n_blocks), any_sensor=any_sensor,
-                           ckpt_path=ckpt_path)
+                           ckpt_path=ckpt_path, config=config)
     return model
 
 
@@ -213,7 +213,7 @@ def load_model(source: str, pretrained: bool = True, weights: Optional[str] = No
 
         weights_path, config_path = fetch_model_files(src, weights)
         spec = spec_from_checkpoint(weights_path, config_path)
-        return _finish(build_backbone(spec), src, "hf-hub", spec.ckpt_path)
+        return _finish(build_backbone(spec), src, "hf-hub", spec.ckpt_path, spec.student_cfg)
     path = Path(os.path.expanduser(os.path.expandvars(src)))
     if not path.exists() and re.fullmatch(r"[A-Za-z_]\w*", src):
         from dinov2.hub_entries import ENTRY_POINTS
@@ -222,7 +222,7 @@ def load_model(source: str, pretrained: bool = True, weights: Optional[str] = No
             raise ValueError(f"model {src!r} is neither an existing file/folder nor a hub entry; hub entries: "
                              f"{', '.join(hub_names())}")
         model = ENTRY_POINTS[src](pretrained=pretrained, weights=weights, progress=progress)
-        return _finish(model, src, "hub", weights)
+        return _finish(model, src, "hub", weights, STUDENT_CONFIGS[src])
     if not path.exists():
         raise FileNotFoundError(f"model source not found: {src} (give a hub name such as 'panopticon_vitb14', "
                                 "hf-hub:ORG/NAME, a weights .pth/.safetensors file, a training run folder or a "
@@ -236,4 +236,4 @@ def load_model(source: str, pretrained: bool = True, weights: Optional[str] = No
         ckpt = str(path)
     spec = spec_from_checkpoint(ckpt)
     kind = {"hub": "weights"}.get(spec.kind, spec.kind)
-    return _finish(build_backbone(spec), src, kind, spec.ckpt_path)
+    return _finish(build_backbone(spec), src, kind, spec.ckpt_path, spec.student_cfg)

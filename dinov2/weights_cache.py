@@ -11,7 +11,7 @@ record and any expected digest (``sha256=``, a published digest, or torch.hub's 
 expected digest, a match proves the file by itself. A file without a matching record (a partial copy, one placed
 by hand, or one from an older cache layout) is fetched again; offline (``PANOPTICON_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``) it is an error that says which files to delete.
 
-Imports torch only.
+Imports torch only when a path is asked for (so that command-line tools can name `WeightsError` cheaply).
 """
 from __future__ import annotations
 
@@ -22,14 +22,19 @@ import urllib.error
 import urllib.parse
 from typing import Dict, Optional, Set
 
-import torch
-
 OFFLINE_VARIABLES = ("PANOPTICON_OFFLINE", "HF_HUB_OFFLINE")
 # URLs of released files: cached under their plain file name (torch.hub's layout); filled by `dinov2.hub_entries`
 RELEASE_URLS: Set[str] = set()
 # SHA-256 of released files whose digest is published; others are checked against the digest recorded at their
 # first download (and against a `-<hex>` prefix in the file name, torch.hub's convention, when there is one).
 KNOWN_SHA256: Dict[str, str] = {}
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be had or trusted: a failed download, a digest mismatch, an offline cache miss, an
+    unreadable file. Command-line tools report it as a one-line error."""
+
+
 _NAME_HASH = re.compile(r"-([a-f0-9]{8,64})\.")
 _RECORD_SOURCE = "source "
 
@@ -50,6 +55,8 @@ def sha256_of(path: str) -> str:
 
 def cache_path(url: str) -> str:
     """Where `url` is cached: released files under their name, any other source in a folder of its own."""
+    import torch
+
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     name = os.path.basename(urllib.parse.urlsplit(url).path) or "weights"
     if url in RELEASE_URLS:
@@ -126,23 +133,25 @@ def cached_download(url: str, progress: bool = True, sha256: Optional[str] = Non
         if problem is None:
             return path
         if offline():
-            raise RuntimeError(
+            raise WeightsError(
                 f"offline mode ({'/'.join(OFFLINE_VARIABLES)}): the cached {path} cannot be used for {url}: "
                 f"{problem}. Delete {path} and {path}.sha256 and fetch it again with network, or pass the file: "
                 f"weights='/path/to/{name}'")
     elif offline():
-        raise RuntimeError(f"offline mode ({'/'.join(OFFLINE_VARIABLES)}): {url} is not cached (expected at "
+        raise WeightsError(f"offline mode ({'/'.join(OFFLINE_VARIABLES)}): {url} is not cached (expected at "
                            f"{path}). Download {name} elsewhere and pass it: weights='/path/to/{name}'")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    import torch
+
     try:
         torch.hub.download_url_to_file(url, path, progress=progress)  # writes a temp file, then renames
     except (urllib.error.URLError, OSError) as exc:
-        raise RuntimeError(
+        raise WeightsError(
             f"could not download {url} ({exc}). Without network, download the file elsewhere and pass it: "
             f"weights='/path/to/{name}'") from exc
     digest = sha256_of(path)
     if expected is not None and not digest.startswith(expected):
         os.remove(path)
-        raise RuntimeError(f"downloaded {url} has SHA-256 {digest}, expected {expected}: removed it")
+        raise WeightsError(f"downloaded {url} has SHA-256 {digest}, expected {expected}: removed it")
     write_record(path, digest, url)
     return path

@@ -41,7 +41,7 @@ def _hub():
     try:
         import huggingface_hub
     except ImportError as exc:
-        raise ImportError("hf-hub: sources need huggingface_hub: pip install 'panopticon[hub]'") from exc
+        raise ModuleNotFoundError("hf-hub: sources need huggingface_hub: pip install 'panopticon[hub]'") from exc
     return huggingface_hub
 
 

@@ -61,12 +61,13 @@ def run_command(name: str, fn: Callable[[Sequence[str]], Optional[int]], argv: S
     """Run one command's `main` with `prog` in its usage lines; input errors become a one-line message and exit
     status 2 instead of a traceback."""
     from dinov2.run.submit import SlurmUnavailableError
+    from dinov2.weights_cache import WeightsError
 
     saved = sys.argv[0]
     sys.argv[0] = prog or f"panopticon {name}"  # argparse takes `prog` from argv[0]
     try:
         rc = fn(list(argv))
-    except (ValueError, FileNotFoundError, SlurmUnavailableError) as exc:
+    except (ValueError, FileNotFoundError, SlurmUnavailableError, WeightsError) as exc:
         print(f"{sys.argv[0]}: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -10,6 +10,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from dinov2.weights_cache import WeightsError
+
 logger = logging.getLogger("dinov2")
 
 
@@ -29,12 +31,12 @@ def read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
     try:
         from safetensors import safe_open
     except ImportError as exc:
-        raise ImportError(f"reading {path} needs safetensors: pip install 'panopticon[hub]'") from exc
+        raise ModuleNotFoundError(f"reading {path} needs safetensors: pip install 'panopticon[hub]'") from exc
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as exc:  # a truncated or foreign file: safetensors raises its own error types
-        raise RuntimeError(f"could not read safetensors file {path}: {exc}") from exc
+        raise WeightsError(f"could not read safetensors file {path}: {exc}") from exc
 
 
 def load_checkpoint_file(path: str, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
@@ -53,7 +55,7 @@ def load_checkpoint_file(path: str, map_location: Union[str, torch.device] = "cp
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated downloads and non-checkpoint files end up here
-        raise RuntimeError(f"could not read checkpoint {path}: {exc}") from exc
+        raise WeightsError(f"could not read checkpoint {path}: {exc}") from exc
 
 
 BACKBONE_PREFIXES = ("teacher.backbone.", "backbone.")
@@ -206,7 +208,7 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
     try:
         from safetensors.torch import save_file
     except ImportError as exc:
-        raise ImportError(f"writing {path} needs safetensors: pip install 'panopticon[hub]'") from exc
+        raise ModuleNotFoundError(f"writing {path} needs safetensors: pip install 'panopticon[hub]'") from exc
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=SAFETENSORS_SUFFIX)
