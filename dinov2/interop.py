@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,3 +108,35 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
     """'torchgeo' when every key carries the `model.` prefix, else 'panopticon'."""
     keys = list(state_dict)
     return "torchgeo" if keys and all(k.startswith(TORCHGEO_PREFIX) for k in keys) else "panopticon"
+
+
+def expected_layout(student_cfg: Mapping, img_size: int, layout: str = "panopticon") -> Dict[str, tuple]:
+    """Key -> shape of a backbone built from a `student` config section with its position table on the grid of
+    `img_size`, in this project's layout or torchgeo's (prefix `model.`, no `mask_token`)."""
+    from dinov2.models import build_model
+
+    cfg = dict(student_cfg, block_chunks=0)  # converted state dicts have flat block names
+    model, _ = build_model(cfg, only_teacher=True, img_size=int(img_size))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if layout == "torchgeo":
+        return {TORCHGEO_PREFIX + k: s for k, s in shapes.items() if k != "mask_token"}
+    return shapes
+
+
+def layout_problems(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, tuple],
+                    limit: int = 5) -> List[str]:
+    """What keeps `state_dict` from being exactly the `expected` layout: missing and unexpected keys, wrong
+    shapes, non-finite values (at most `limit` of each kind; empty list: it fits)."""
+    problems: List[str] = []
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} has shape {tuple(state_dict[k].shape)}, expected {expected[k]}" for k in expected
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])]
+    nonfinite = [k for k, v in state_dict.items()
+                 if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes),
+                        ("NaN or infinite values in", nonfinite)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            problems.append(f"{what}: {', '.join(items[:limit])}{more}")
+    return problems

@@ -9,7 +9,8 @@ Every cached file has a record ``<file>.sha256``: its SHA-256 and the URL it was
 used (without any network request) only when the record names the same URL and the file's digest matches the
 record and any expected digest (``sha256=``, a published digest, or torch.hub's ``name-<hex>.pth`` prefix); with an
 expected digest, a match proves the file by itself. A file without a matching record (a partial copy, one placed
-by hand, or one from an older cache layout) is fetched again; offline (``PANOPTICON_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``) it is an error that says which files to delete.
+by hand, or one from an older cache layout) is fetched again; offline (``PANOPTICON_OFFLINE=1`` or
+``HF_HUB_OFFLINE=1``) it is an error that says which files to delete.
 
 Imports torch only when a path is asked for (so that command-line tools can name `WeightsError` cheaply).
 """

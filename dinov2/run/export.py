@@ -10,7 +10,6 @@ weights with the config that rebuilds them (for `load_model` and the Hugging Fac
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -109,19 +108,12 @@ def _check_finite(backbone) -> None:
 
 def write_safetensors(backbone, path: Path) -> None:
     """The backbone state dict as safetensors, its config in the header and in `config.yaml` beside it."""
-    import yaml
+    from dinov2.utils.checkpoint import save_backbone_safetensors
 
-    from dinov2.utils.checkpoint import STUDENT_METADATA_KEY, save_safetensors
-
-    student = getattr(backbone.info, "config", None)
+    student = getattr(getattr(backbone, "info", None), "config", None)
     if student is None:
-        raise ValueError("the model's architecture config is unknown; export a run folder or hub model")
-    cfg_path = path.parent / "config.yaml"
-    text = yaml.safe_dump({"student": student}, sort_keys=False)
-    if cfg_path.exists() and cfg_path.read_text() != text:
-        raise ValueError(f"{cfg_path} exists with other content; choose another --output folder")
-    save_safetensors(backbone.state_dict(), str(path), {STUDENT_METADATA_KEY: json.dumps(student)})
-    cfg_path.write_text(text)
+        raise ValueError("the model's architecture config is unknown; export a run folder, checkpoint or hub model")
+    save_backbone_safetensors(backbone.state_dict(), str(path), student)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

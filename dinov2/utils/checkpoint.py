@@ -212,3 +212,35 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=SAFETENSORS_SUFFIX)
+
+
+def save_backbone_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
+                              student_cfg: Optional[Mapping[str, Any]] = None,
+                              metadata: Optional[Mapping[str, str]] = None) -> str:
+    """A backbone as `.safetensors` with the `student` config that rebuilds it, in the file's header and in a
+    `config.yaml` beside it (the Hugging Face Hub convention; an existing `config.yaml` with other content is an
+    error, checked before anything is written)."""
+    import json
+
+    import yaml
+
+    meta = dict(metadata or {})
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
+    text = None
+    if student_cfg is not None:
+        student = json.loads(json.dumps(dict(student_cfg)))  # plain types, as they will be read back
+        meta[STUDENT_METADATA_KEY] = json.dumps(student)
+        text = yaml.safe_dump({"student": student}, sort_keys=False)
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                if f.read() != text:
+                    raise ValueError(f"{cfg_path} exists with another config; write the safetensors file to "
+                                     "another folder")
+    save_safetensors(state_dict, path, meta)
+    if text is not None:
+        def write_text(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        write_atomic(cfg_path, write_text, suffix=".yaml")
+    return path
