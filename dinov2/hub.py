@@ -96,11 +96,12 @@ def _student_cfg(config_path: Optional[Path], what: str) -> Dict[str, Any]:
 
 def _embedded_student_cfg(path: Path) -> Optional[Dict[str, Any]]:
     """The student config stored in a `.safetensors` header by `panopticon export` / `convert` (None if absent)."""
-    if path.suffix != ".safetensors":
-        return None
     import json
 
-    from dinov2.utils.checkpoint import STUDENT_METADATA_KEY, read_safetensors
+    from dinov2.utils.checkpoint import STUDENT_METADATA_KEY, is_safetensors, read_safetensors
+
+    if not is_safetensors(str(path)):
+        return None
 
     _, meta = read_safetensors(str(path))
     if STUDENT_METADATA_KEY not in meta:
@@ -119,7 +120,7 @@ def spec_from_checkpoint(path: str, config_path: Optional[str] = None) -> ModelS
     describe how to load it. `config_path`: the config.yaml of a raw backbone when it is not beside the file."""
     from dinov2.utils.checkpoint import load_checkpoint_file
 
-    p = Path(path).resolve()
+    p = Path(os.path.abspath(path))  # symlinks kept: a Hugging Face snapshot's config sits beside the link
     ckpt = load_checkpoint_file(str(p))
     if not isinstance(ckpt, dict):
         raise ValueError(f"{p} does not hold a state dict (got {type(ckpt).__name__})")

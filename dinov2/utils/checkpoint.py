@@ -39,6 +39,17 @@ def read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
         raise WeightsError(f"could not read safetensors file {path}: {exc}") from exc
 
 
+def is_safetensors(path: str) -> bool:
+    """True when the file is in the safetensors format (by content: an 8-byte header length, then JSON), whatever
+    its name (the Hugging Face cache stores files under content hashes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+    except OSError:
+        return False
+
+
 def load_checkpoint_file(path: str, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """Load a local checkpoint (`.pth` or `.safetensors`) or an http(s) URL (downloaded once into the weights
     cache, keyed by the URL: `dinov2.weights_cache`)."""
@@ -49,7 +60,7 @@ def load_checkpoint_file(path: str, map_location: Union[str, torch.device] = "cp
     path = os.path.expandvars(os.path.expanduser(str(path)))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(SAFETENSORS_SUFFIX):
+    if path.endswith(SAFETENSORS_SUFFIX) or is_safetensors(path):
         tensors, _ = read_safetensors(path)
         return {k: v.to(map_location) for k, v in tensors.items()}
     try:
