@@ -140,3 +140,28 @@ def layout_problems(state_dict: Mapping[str, torch.Tensor], expected: Mapping[st
             more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
             problems.append(f"{what}: {', '.join(items[:limit])}{more}")
     return problems
+
+
+def torchgeo_table_difference(state_dict: Mapping[str, torch.Tensor], x: Mapping[str, torch.Tensor],
+                              student_cfg: Optional[Mapping] = None) -> float:
+    """Max |difference| of the normed class tokens of `x` between this project's model (the stored position table,
+    interpolated to the input's grid in every forward pass) and torchgeo's (the table resampled once, at
+    conversion, to the input's grid), both built from the same `state_dict` in this project's layout through the
+    conversion code (`to_torchgeo` / `from_torchgeo`). Zero when the input's grid is the stored one."""
+    from dinov2.hub import HUB_STUDENT_CFG
+    from dinov2.models import build_model
+
+    cfg = dict(student_cfg or HUB_STUDENT_CFG, block_chunks=0)
+    patch = int(cfg.get("patch_size", 14))
+    height, width = x["imgs"].shape[-2:]
+    if height != width:
+        raise ValueError(f"torchgeo's model is built for square images; got {height}x{width}")
+    stored = pos_embed_grid(state_dict["pos_embed"]) * patch
+    ours, _ = build_model(cfg, only_teacher=True, img_size=stored)
+    ours.load_state_dict(state_dict, strict=True)
+    theirs, _ = build_model(cfg, only_teacher=True, img_size=int(height))
+    theirs.load_state_dict(from_torchgeo(to_torchgeo(state_dict, img_size=int(height), patch_size=patch),
+                                         img_size=int(height), patch_size=patch,
+                                         mask_token=state_dict.get("mask_token")), strict=True)
+    with torch.no_grad():
+        return float((ours.eval()(dict(x)) - theirs.eval()(dict(x))).abs().max())

@@ -187,3 +187,32 @@ def test_equal_outputs_with_torchgeo(released):
     x = {"imgs": torch.randn(2, 4, 224, 224), "chn_ids": torch.tensor([[664, 559, 493, 842]] * 2)}
     with torch.no_grad():
         torch.testing.assert_close(tg_model(x), ours.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_torchgeo_position_table_difference_is_the_table_alone():
+    """torchgeo resamples the stored table once (antialiased) for its image size; this model interpolates it per
+    forward pass. Equal on the stored grid; at another size the class tokens differ, and the difference is the
+    table alone: given the table this model would interpolate, the converted model agrees again."""
+    from dinov2.interop import torchgeo_table_difference
+    from dinov2.models import build_model
+
+    cfg = dict(arch="vit_small", embed_dim=48, depth=2, num_heads=3, patch_size=14, layerscale=1.0,
+               embed_layer="PanopticonPE", pe_args={"attn_dim": 32, "chnfus_cfg": {"attn_cfg": {"num_heads": 2}}})
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, only_teacher=True, img_size=518)
+    grid = torch.linspace(0, 6.28, 37)  # a smooth table of trained magnitude, as a learned one is
+    table = torch.sin(grid[:, None, None] * torch.arange(1, 49) / 8) * torch.cos(grid[None, :, None] * 3)
+    with torch.no_grad():
+        model.pos_embed[0, 1:] = table.reshape(37 * 37, 48)
+    sd = model.state_dict()
+    x = {"imgs": torch.randn(2, 4, 224, 224), "chn_ids": torch.tensor([[490, 560, 665, 842]] * 2)}
+    at_224 = torchgeo_table_difference(sd, x, cfg)
+    assert at_224 > 1e-3
+    x518 = {"imgs": torch.randn(1, 4, 518, 518), "chn_ids": torch.tensor([[490, 560, 665, 842]])}
+    assert torchgeo_table_difference(sd, x518, cfg) == 0.0
+    with torch.no_grad():
+        own_table = model.interpolate_pos_encoding(torch.zeros(1, 257, 48), 16, 16)
+    small, _ = build_model(cfg, only_teacher=True, img_size=224)
+    small.load_state_dict(dict(sd, pos_embed=own_table))
+    with torch.no_grad():
+        assert (small.eval()(x) - model.eval()(x)).abs().max() < 1e-5
