@@ -37,15 +37,28 @@ def pos_embed_grid(pos_embed: torch.Tensor) -> int:
     return g
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """Resize the patch part of `pos_embed` to `grid x grid` (bicubic, antialiased); the class token is kept."""
+RESAMPLE = ("antialias", "forward")
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: int, resample: str = "antialias",
+                     offset: float = 0.1) -> torch.Tensor:
+    """Resize the patch part of `pos_embed` to `grid x grid`; the class token is kept. `resample`: "antialias"
+    (bicubic with antialiasing, what torchgeo does when it loads the released file) or "forward" (what this
+    project's forward pass does at that grid: bicubic, no antialiasing, DINOv2's +`offset`)."""
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample {resample!r} must be one of {RESAMPLE}")
     old = pos_embed_grid(pos_embed)
     if old == grid:
         return pos_embed.clone()
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
     dim = pos_embed.shape[-1]
     img = patches.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
-    img = F.interpolate(img, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    if resample == "forward" and offset:
+        scale = (grid + offset) / old
+        img = F.interpolate(img, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    else:
+        img = F.interpolate(img, size=(grid, grid), mode="bicubic", antialias=resample == "antialias",
+                            align_corners=False)
     patches = img.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
     return torch.cat([cls, patches], dim=1)
 
@@ -67,10 +80,11 @@ def _check_backbone(sd: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(f"SwiGLU feed-forward ({swiglu[0]}) has no counterpart in timm's vit_base_patch14_dinov2")
 
 
-def to_torchgeo(state_dict: Mapping[str, torch.Tensor], img_size: int = 224,
-                patch_size: int = 14) -> Dict[str, torch.Tensor]:
+def to_torchgeo(state_dict: Mapping[str, torch.Tensor], img_size: int = 224, patch_size: int = 14,
+                resample: str = "antialias") -> Dict[str, torch.Tensor]:
     """This project's backbone state dict (hub teacher file, or `backbone_state_dict` of a training checkpoint)
-    -> torchgeo's Panopticon state dict for a model built with `img_size`."""
+    -> torchgeo's Panopticon state dict for a model built with `img_size`. `resample="forward"` resizes the position
+    table as this project's forward pass does at that size (torchgeo's outputs then equal this project's there)."""
     _check_backbone(state_dict)
     out: Dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
@@ -78,7 +92,7 @@ def to_torchgeo(state_dict: Mapping[str, torch.Tensor], img_size: int = 224,
             continue
         key = _CHUNKED.sub(r"blocks.\1.", key)
         if key == "pos_embed":
-            value = resize_pos_embed(value, _grid_for(img_size, patch_size))
+            value = resize_pos_embed(value, _grid_for(img_size, patch_size), resample)
         out[TORCHGEO_PREFIX + key] = value
     return out
 

@@ -216,3 +216,27 @@ def test_torchgeo_position_table_difference_is_the_table_alone():
     small.load_state_dict(dict(sd, pos_embed=own_table))
     with torch.no_grad():
         assert (small.eval()(x) - model.eval()(x)).abs().max() < 1e-5
+
+
+def test_forward_resampled_table_makes_the_converted_model_agree(tmp_path):
+    """`convert --pos-resample forward`: the torchgeo-layout table is the one this model interpolates at that
+    size, so the converted model (built at 224 px, table used as is) gives this model's outputs."""
+    from dinov2.models.vision_transformer import vit_small
+
+    torch.manual_seed(2)
+    model = vit_small(**dict(_SMALL, init_values=1.0)).eval()
+    with torch.no_grad():
+        model.pos_embed.mul_(50)  # a table of trained magnitude
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": {"teacher.backbone." + k: v for k, v in model.state_dict().items()}}, path)
+    (tmp_path / "config.yaml").write_text(_SMALL_CONFIG.replace("student:\n", "student:\n  layerscale: 1.0\n"))
+    x = {"imgs": torch.randn(2, 3, 224, 224), "chn_ids": torch.tensor([[664, 559, 493]] * 2)}
+    outputs = {}
+    for resample in ("antialias", "forward"):
+        out = tmp_path / f"{resample}.pth"
+        assert convert_main([str(path), str(out), "--force", "--pos-resample", resample]) == 0
+        converted = vit_small(**dict(_SMALL, init_values=1.0, img_size=224)).eval()
+        converted.load_state_dict(from_torchgeo(torch.load(out), img_size=224, mask_token=model.mask_token.data))
+        with torch.no_grad():
+            outputs[resample] = (converted(x) - model(x)).abs().max().item()
+    assert outputs["forward"] < 1e-5 < 1e-3 < outputs["antialias"], outputs

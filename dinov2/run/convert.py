@@ -49,6 +49,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="image size the target's position embedding covers (default: 224 for torchgeo, 518 for "
                         "panopticon from torchgeo, unchanged for a format-only conversion)")
     p.add_argument("--patch-size", type=int, default=14, help="patch size of the model (default: 14)")
+    p.add_argument("--pos-resample", choices=("antialias", "forward"), default="antialias",
+                   help="how the position table is resized to --img-size: antialias (bicubic with antialiasing, as "
+                        "torchgeo loads the release; default) or forward (as this project's forward pass "
+                        "interpolates it at that size, so torchgeo's outputs equal this project's there)")
     p.add_argument("--force", action="store_true",
                    help="write a torchgeo-layout file for a model that is not ViT-B/14 (torchgeo's "
                         "panopticon_vitb14 cannot load it; the keys, shapes and values are still checked)")
@@ -92,7 +96,8 @@ def convert(args: argparse.Namespace) -> str:
         raise ValueError(f"{file} is already in the {target} layout and format; name an output with the other "
                          "suffix (.pth / .safetensors) to change only the format")
     if target == "torchgeo":
-        out = to_torchgeo(state, img_size=args.img_size or 224, patch_size=args.patch_size)
+        out = to_torchgeo(state, img_size=args.img_size or 224, patch_size=args.patch_size,
+                          resample=args.pos_resample)
         grid = pos_embed_grid(out["model.pos_embed"])
     elif source == "torchgeo":
         out = from_torchgeo(state, img_size=args.img_size or 518, patch_size=args.patch_size)
@@ -100,7 +105,7 @@ def convert(args: argparse.Namespace) -> str:
     else:  # format only (and the position grid when --img-size is given)
         key = "model.pos_embed" if source == "torchgeo" else "pos_embed"
         grid = (args.img_size // args.patch_size) if args.img_size else pos_embed_grid(state[key])
-        out = dict(state, **{key: resize_pos_embed(state[key], grid)})
+        out = dict(state, **{key: resize_pos_embed(state[key], grid, args.pos_resample)})
     img_size = grid * int(student.get("patch_size", args.patch_size))
     problems = layout_problems(out, expected_layout(student, img_size, target))
     if problems:
