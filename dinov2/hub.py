@@ -200,13 +200,15 @@ def _finish(model: nn.Module, source: str, kind: str, ckpt_path: Optional[str],
     return model
 
 
-def load_model(source: str, pretrained: bool = True, weights: Optional[str] = None, progress: bool = True) -> nn.Module:
+def load_model(source: str, pretrained: bool = True, weights: Optional[str] = None, progress: bool = True,
+               sha256: Optional[str] = None) -> nn.Module:
     """Backbone in eval mode from a hub name, ``hf-hub:ORG/NAME[@REVISION]``, weights file, training run folder or
     checkpoint.
 
     ``pretrained=False`` builds the architecture with random weights (hub names only; for tests/benchmarks);
     ``weights`` overrides the download of a hub entry with a local file or URL, and names the weights file of an
-    ``hf-hub:`` repository. ``model.info`` holds a ``ModelInfo``.
+    ``hf-hub:`` repository; ``sha256`` (hub names) is a digest or prefix the weights file must have.
+    ``model.info`` holds a ``ModelInfo``.
     """
     src = str(source)
     if src.startswith("hf-hub:"):
@@ -222,7 +224,7 @@ def load_model(source: str, pretrained: bool = True, weights: Optional[str] = No
         if src not in ENTRY_POINTS:
             raise ValueError(f"model {src!r} is neither an existing file/folder nor a hub entry; hub entries: "
                              f"{', '.join(hub_names())}")
-        model = ENTRY_POINTS[src](pretrained=pretrained, weights=weights, progress=progress)
+        model = ENTRY_POINTS[src](pretrained=pretrained, weights=weights, progress=progress, sha256=sha256)
         return _finish(model, src, "hub", weights, STUDENT_CONFIGS[src])
     if not path.exists():
         raise FileNotFoundError(f"model source not found: {src} (give a hub name such as 'panopticon_vitb14', "
