@@ -127,15 +127,27 @@ def _entry_builder(name: str) -> Callable[..., PanopticonBackbone]:
     return build
 
 
+def _import_registry():
+    """TerraTorch's backbone registry. Importing TerraTorch sets the process-wide float32 matmul precision to
+    "medium" (its Clay v1.5 module does so at import), which makes every fp32 matmul on CPU run in bf16 (errors of
+    ~1e-3); the caller's setting is put back."""
+    precision = torch.get_float32_matmul_precision()
+    try:
+        from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return TERRATORCH_BACKBONE_REGISTRY
+
+
 def register() -> List[str]:
     """Register the backbones in TerraTorch's backbone registry (again: replaced); returns their names."""
-    from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
+    registry = _import_registry()
 
     from dinov2.hub_entries import SPECTRAL_ENTRY_POINTS
 
     builders: List[Callable[..., PanopticonBackbone]] = [_entry_builder(n) for n in SPECTRAL_ENTRY_POINTS]
     for fn in builders + [panopticon]:
-        TERRATORCH_BACKBONE_REGISTRY.register(fn)
+        registry.register(fn)
     return [fn.__name__ for fn in builders] + ["panopticon"]
 
 
