@@ -16,9 +16,11 @@ register tokens or a SwiGLU feed-forward have no counterpart in that layout and 
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -124,14 +126,19 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "torchgeo" if keys and all(k.startswith(TORCHGEO_PREFIX) for k in keys) else "panopticon"
 
 
+@functools.lru_cache(maxsize=8)
+def _layout(student_json: str, img_size: int) -> Tuple[Tuple[str, tuple], ...]:
+    from dinov2.models import build_model
+
+    cfg = dict(json.loads(student_json), block_chunks=0)  # converted state dicts have flat block names
+    model, _ = build_model(cfg, only_teacher=True, img_size=img_size)
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
 def expected_layout(student_cfg: Mapping, img_size: int, layout: str = "panopticon") -> Dict[str, tuple]:
     """Key -> shape of a backbone built from a `student` config section with its position table on the grid of
     `img_size`, in this project's layout or torchgeo's (prefix `model.`, no `mask_token`)."""
-    from dinov2.models import build_model
-
-    cfg = dict(student_cfg, block_chunks=0)  # converted state dicts have flat block names
-    model, _ = build_model(cfg, only_teacher=True, img_size=int(img_size))
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = dict(_layout(json.dumps(student_cfg, sort_keys=True, default=str), int(img_size)))
     if layout == "torchgeo":
         return {TORCHGEO_PREFIX + k: s for k, s in shapes.items() if k != "mask_token"}
     return shapes
