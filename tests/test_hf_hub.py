@@ -106,7 +106,8 @@ def test_safetensors_export_round_trip_equals_the_pth(tmp_path, capsys):
     torch.save({"model": {"teacher.backbone." + k: v for k, v in model.state_dict().items()}, "iteration": 1},
                run / "model_final.pth")
     (run / "config.yaml").write_text(json.dumps({"student": tiny_student_cfg(pos_emb_img_size=32)}))
-    assert export_cli.main(["--model", str(run), "--format", "safetensors", "--output", str(tmp_path / "hf" / "m")]) == 0
+    out = str(tmp_path / "hf" / "m")
+    assert export_cli.main(["--model", str(run), "--format", "safetensors", "--output", out]) == 0
     st = load_model(str(tmp_path / "hf" / "m.safetensors"))
     pth = load_model(str(run))
     assert st.info.config == pth.info.config
