@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine:
 #   make demo  -> set up .venv, pretrain a small Panopticon on the bundled Sentinel-2 + Landsat-8 scenes, evaluate it
-#   make test  -> set up .venv, run the test suite
+#   make test  -> set up .venv, run the test suite (which also builds the wheel, installs it into a fresh venv that
+#                 reuses .venv's torch, and runs load_model / embed / train / eval from outside the checkout:
+#                 tests/test_wheel_install.py)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

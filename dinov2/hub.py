@@ -1,10 +1,12 @@
 """`load_model(source)`: one entry point that turns anything a user points at into a backbone ready for inference.
 
 Accepted sources:
-- a torch.hub entry name (``panopticon_vitb14``, ``dinov2_vitb14``, ...): the released weights, downloaded once
-  and cached by ``hubconf.cached_download``;
-- a released-format weights file (raw backbone state dict, keys ``blocks.*``, ``patch_embed.*``; a
-  ``config.yaml`` beside it decides the architecture, else the published ViT-B/14 configuration);
+- a torch.hub entry name (``panopticon_vitb14``, ``dinov2_vitb14``, ...; ``dinov2.hub_entries``): the released
+  weights, downloaded once into the weights cache (``dinov2.weights_cache``);
+- ``hf-hub:ORG/NAME[@REVISION]``: a model on the Hugging Face Hub (``dinov2.integrations.hf_hub``);
+- a released-format weights file, ``.pth`` or ``.safetensors`` (raw backbone state dict, keys ``blocks.*``,
+  ``patch_embed.*``; the architecture comes from the config in a safetensors header, else a ``config.yaml``
+  beside the file, else the published ViT-B/14 configuration);
 - a training run folder (``config.yaml`` decides the architecture): ``model_final.pth``, else the checkpoint
   named by ``last_checkpoint``, else the newest ``eval/<iter>/teacher_checkpoint.pth``;
 - a training checkpoint ``model_*.pth`` (teacher weights) or a teacher checkpoint ``teacher_checkpoint.pth``.
@@ -15,28 +17,21 @@ Imports torch only at module level (optional libraries are imported where used).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 
+from dinov2.hub_entries import STUDENT_CONFIGS
+
 logger = logging.getLogger("dinov2")
 
 # published torch.hub configuration of panopticon_vitb14, as a student config section
-HUB_STUDENT_CFG: Dict[str, Any] = {
-    "arch": "vit_base", "patch_size": 14, "layerscale": 1e-5, "ffn_layer": "mlp", "block_chunks": 0,
-    "qkv_bias": True, "proj_bias": True, "ffn_bias": True, "num_register_tokens": 0,
-    "interpolate_antialias": False, "interpolate_offset": 0.1, "embed_layer": "PanopticonPE",
-    "pos_emb_img_size": 518,
-    "pe_args": {"attn_dim": 2304, "chnfus_cfg": {"layer_norm": False, "attn_cfg": {"num_heads": 16}}},
-}
+HUB_STUDENT_CFG: Dict[str, Any] = STUDENT_CONFIGS["panopticon_vitb14"]
 
 # Panopticon was pretrained on per-band z-scored inputs ((x - mean) / std per dataset and band); there are no
 # global constants, so statistics come from the data (the scene itself unless the user gives them).
@@ -48,7 +43,7 @@ class ModelInfo:
     """What inference code needs to know about a loaded backbone."""
 
     source: str
-    kind: str  # 'hub' | 'weights' | 'run' | 'teacher_checkpoint'
+    kind: str  # 'hub' | 'hf-hub' | 'weights' | 'run' | 'teacher_checkpoint'
     patch_size: int
     embed_dim: int
     n_blocks: int
@@ -56,6 +51,7 @@ class ModelInfo:
     normalization: str = NORMALIZATION
     default_norm_stats: str = "scene"
     ckpt_path: Optional[str] = None
+    config: Optional[Dict[str, Any]] = None  # the `student` config section that rebuilds the architecture
 
 
 @dataclass
@@ -98,11 +94,33 @@ def _student_cfg(config_path: Optional[Path], what: str) -> Dict[str, Any]:
     return student
 
 
-def spec_from_checkpoint(path: str) -> ModelSpec:
-    """Sniff a ``.pth`` file (training ckpt, teacher ckpt or raw backbone) and describe how to load it."""
+def _embedded_student_cfg(path: Path) -> Optional[Dict[str, Any]]:
+    """The student config stored in a `.safetensors` header by `panopticon export` / `convert` (None if absent)."""
+    import json
+
+    from dinov2.utils.checkpoint import STUDENT_METADATA_KEY, is_safetensors, read_safetensors
+
+    if not is_safetensors(str(path)):
+        return None
+
+    _, meta = read_safetensors(str(path))
+    if STUDENT_METADATA_KEY not in meta:
+        return None
+    try:
+        student = json.loads(meta[STUDENT_METADATA_KEY])
+    except ValueError as exc:
+        raise ValueError(f"{path}: header entry {STUDENT_METADATA_KEY!r} is not valid JSON ({exc})") from None
+    if not isinstance(student, dict):
+        raise ValueError(f"{path}: header entry {STUDENT_METADATA_KEY!r} must be a mapping")
+    return student
+
+
+def spec_from_checkpoint(path: str, config_path: Optional[str] = None) -> ModelSpec:
+    """Sniff a checkpoint file (training ckpt, teacher ckpt or raw backbone; `.pth` or `.safetensors`) and
+    describe how to load it. `config_path`: the config.yaml of a raw backbone when it is not beside the file."""
     from dinov2.utils.checkpoint import load_checkpoint_file
 
-    p = Path(path).resolve()
+    p = Path(os.path.abspath(path))  # symlinks kept: a Hugging Face snapshot's config sits beside the link
     ckpt = load_checkpoint_file(str(p))
     if not isinstance(ckpt, dict):
         raise ValueError(f"{p} does not hold a state dict (got {type(ckpt).__name__})")
@@ -115,8 +133,10 @@ def spec_from_checkpoint(path: str) -> ModelSpec:
         weights = [{"path": str(p), "checkpoint_key": "teacher", "prefix_map": {"backbone.": ""}}]
         return ModelSpec(str(p), student, weights, str(p.parent), str(p.parent), "teacher_checkpoint")
     if any(k.startswith(("blocks.", "patch_embed.")) for k in ckpt):
-        cfg_path = p.parent / "config.yaml"
-        student = _student_cfg(cfg_path, str(p)) if cfg_path.is_file() else dict(HUB_STUDENT_CFG)
+        cfg_path = Path(config_path) if config_path else p.parent / "config.yaml"
+        student = _embedded_student_cfg(p)
+        if student is None:
+            student = _student_cfg(cfg_path, str(p)) if cfg_path.is_file() else dict(HUB_STUDENT_CFG)
         weights = [{"path": str(p), "checkpoint_key": None}]
         return ModelSpec(str(p), student, weights, str(p.parent / f"eval_{p.stem}"), str(p.parent), "hub")
     raise ValueError(f"Unrecognised checkpoint format in {p}: expected 'model' with teacher.backbone.* keys, "
@@ -151,7 +171,9 @@ def build_backbone(spec: ModelSpec) -> nn.Module:
     model, _ = build_model(spec.student_cfg, only_teacher=True, img_size=img_size)
     missing, unexpected = load_pretrained_weights(model, spec.weights)
     if missing:
-        raise RuntimeError(f"Checkpoint {spec.ckpt_path} does not fit the configured backbone: missing "
+        from dinov2.weights_cache import WeightsError
+
+        raise WeightsError(f"Checkpoint {spec.ckpt_path} does not fit the configured backbone: missing "
                            f"{len(missing)} keys, e.g. {missing[:5]}")
     if unexpected:
         logger.warning("ignored %d unexpected keys from %s, e.g. %s", len(unexpected), spec.ckpt_path,
@@ -159,60 +181,55 @@ def build_backbone(spec: ModelSpec) -> nn.Module:
     return model
 
 
-def _hubconf():
-    """This repository's ``hubconf`` module: the file next to the package (a checkout), else ``import hubconf``."""
-    path = Path(__file__).resolve().parents[1] / "hubconf.py"
-    if path.is_file():
-        module = sys.modules.get("hubconf")
-        if module is not None and Path(getattr(module, "__file__", "") or "").resolve() == path:
-            return module
-        spec = importlib.util.spec_from_file_location("dinov2_hubconf", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    try:
-        return importlib.import_module("hubconf")
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError(f"hubconf.py not found next to the dinov2 package ({path}); load hub models "
-                                  "from a checkout of the repository") from None
-
-
 def hub_names() -> List[str]:
-    """torch.hub entry points of this repository (e.g. 'panopticon_vitb14')."""
-    hub = _hubconf()
-    return sorted(n for n in dir(hub) if re.fullmatch(r"(panopticon|dinov2)_vit\w+", n) and callable(getattr(hub, n)))
+    """torch.hub entry points of this package (e.g. 'panopticon_vitb14')."""
+    from dinov2.hub_entries import ENTRY_POINTS
+
+    return sorted(ENTRY_POINTS)
 
 
-def _finish(model: nn.Module, source: str, kind: str, ckpt_path: Optional[str]) -> nn.Module:
+def _finish(model: nn.Module, source: str, kind: str, ckpt_path: Optional[str],
+            config: Optional[Dict[str, Any]]) -> nn.Module:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     any_sensor = type(model.patch_embed).__name__ == "PanopticonPE"
     model.info = ModelInfo(source=source, kind=kind, patch_size=int(model.patch_size),
                            embed_dim=int(model.embed_dim), n_blocks=int(model.n_blocks), any_sensor=any_sensor,
-                           ckpt_path=ckpt_path)
+                           ckpt_path=ckpt_path, config=config)
     return model
 
 
-def load_model(source: str, pretrained: bool = True, weights: Optional[str] = None, progress: bool = True) -> nn.Module:
-    """Backbone in eval mode from a hub name, weights file, training run folder or checkpoint.
+def load_model(source: str, pretrained: bool = True, weights: Optional[str] = None, progress: bool = True,
+               sha256: Optional[str] = None) -> nn.Module:
+    """Backbone in eval mode from a hub name, ``hf-hub:ORG/NAME[@REVISION]``, weights file, training run folder or
+    checkpoint.
 
     ``pretrained=False`` builds the architecture with random weights (hub names only; for tests/benchmarks);
-    ``weights`` overrides the download of a hub entry with a local file or URL. ``model.info`` holds a
-    ``ModelInfo``.
+    ``weights`` overrides the download of a hub entry with a local file or URL, and names the weights file of an
+    ``hf-hub:`` repository; ``sha256`` (hub names) is a digest or prefix the weights file must have.
+    ``model.info`` holds a ``ModelInfo``.
     """
     src = str(source)
+    if src.startswith("hf-hub:"):
+        from dinov2.integrations.hf_hub import fetch_model_files
+
+        weights_path, config_path = fetch_model_files(src, weights)
+        spec = spec_from_checkpoint(weights_path, config_path)
+        return _finish(build_backbone(spec), src, "hf-hub", spec.ckpt_path, spec.student_cfg)
     path = Path(os.path.expanduser(os.path.expandvars(src)))
     if not path.exists() and re.fullmatch(r"[A-Za-z_]\w*", src):
-        names = hub_names()
-        if src not in names:
+        from dinov2.hub_entries import ENTRY_POINTS
+
+        if src not in ENTRY_POINTS:
             raise ValueError(f"model {src!r} is neither an existing file/folder nor a hub entry; hub entries: "
-                             f"{', '.join(names)}")
-        model = getattr(_hubconf(), src)(pretrained=pretrained, weights=weights, progress=progress)
-        return _finish(model, src, "hub", weights)
+                             f"{', '.join(hub_names())}")
+        model = ENTRY_POINTS[src](pretrained=pretrained, weights=weights, progress=progress, sha256=sha256)
+        return _finish(model, src, "hub", weights, STUDENT_CONFIGS[src])
     if not path.exists():
-        raise FileNotFoundError(f"model source not found: {src} (give a hub name such as 'panopticon_vitb14', a "
-                                "weights .pth file, a training run folder or a checkpoint)")
+        raise FileNotFoundError(f"model source not found: {src} (give a hub name such as 'panopticon_vitb14', "
+                                "hf-hub:ORG/NAME, a weights .pth/.safetensors file, a training run folder or a "
+                                "checkpoint)")
     if path.is_dir():
         ckpt = run_checkpoint(str(path))
         if ckpt is None:
@@ -222,5 +239,4 @@ def load_model(source: str, pretrained: bool = True, weights: Optional[str] = No
         ckpt = str(path)
     spec = spec_from_checkpoint(ckpt)
     kind = {"hub": "weights"}.get(spec.kind, spec.kind)
-    return _finish(build_backbone(spec), src, kind, spec.ckpt_path)
-
+    return _finish(build_backbone(spec), src, kind, spec.ckpt_path, spec.student_cfg)

@@ -87,12 +87,20 @@ def test_position_table_resampled_once_for_another_image_size():
         torch.testing.assert_close(wrapper(imgs, ids), model({"imgs": imgs, "chn_ids": ids}), rtol=0, atol=1e-6)
 
 
-def test_export_refuses_rgb_backbone_and_bad_size():
-    rgb = vit_small(patch_size=14, img_size=28, embed_dim=48, depth=1, num_heads=3)
-    with pytest.raises(ValueError, match="PanopticonPE"):
-        prepare_for_export(rgb, 28)
+def test_rgb_backbone_exports_imgs_only_and_bad_options_are_refused(tmp_path):
+    rgb = vit_small(patch_size=14, img_size=28, embed_dim=48, depth=1, num_heads=3).eval()
+    path = export_onnx(rgb, str(tmp_path / "rgb.onnx"), img_size=28)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["imgs"] and sess.get_inputs()[0].shape[1:] == [3, 28, 28]
+    imgs = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"imgs": imgs.numpy()})[0], rgb(imgs).numpy(), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="spec_masks and chn_ids_dtype apply to the spectral"):
+        prepare_for_export(rgb, 28, spec_masks=True)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         prepare_for_export(_tiny(), 30)
+    with pytest.raises(ValueError, match="outputs .* distinct names"):
+        prepare_for_export(_tiny(), 28, outputs=("embedding", "cls"))
 
 
 def test_example_inputs_shapes():
@@ -126,11 +134,20 @@ def test_cli_exports_a_checkpoint_with_its_config(tmp_path, capsys):
         np.testing.assert_allclose(got, model({"imgs": imgs, "chn_ids": ids}).numpy(), atol=1e-4, rtol=0)
 
 
-def test_cli_errors_are_clear(tmp_path, capsys):
+def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PANOPTICON_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    # a hub name downloads the release (as load_model and embed do); offline and not cached: one line naming it
     assert export_cli.main(["--model", "panopticon_vitb14", "--output", str(tmp_path / "x")]) == 2
-    assert "--pretrained false" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "offline mode" in err and "panopticon_vitb14_teacher.pth" in err and len(err.strip().splitlines()) == 1
     assert export_cli.main(["--model", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
-    assert "neither a hub name" in capsys.readouterr().err
+    assert "model source not found" in capsys.readouterr().err
+    base = ["--model", "panopticon_vitb14", "--pretrained", "false", "--output", str(tmp_path / "x")]
+    assert export_cli.main(base + ["--outputs", "embedding,cls"]) == 2
+    assert "distinct names" in capsys.readouterr().err
+    assert export_cli.main(base + ["--format", "safetensors", "--check"]) == 2
+    assert "--check compares an ONNX export" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_cli.main(["--model", "panopticon_vitb14", "--output", "x", "--format", "tflite"])
 
@@ -142,7 +159,8 @@ def test_cli_help_imports_no_export_extra():
             "assert not bad, bad\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for flag in ("--model", "--weights", "--pretrained", "--output", "--format", "--img-size", "--opset"):
+    for flag in ("--model", "--weights", "--pretrained", "--output", "--format", "--img-size", "--opset",
+                 "--outputs", "--dynamic-size", "--chn-ids-dtype", "--spec-masks", "--check"):
         assert flag in out.stdout
 
 
@@ -150,7 +168,7 @@ def test_cli_help_imports_no_export_extra():
 def test_cli_real_vitb14_architecture_with_weights_file_at_224(tmp_path, capsys):
     """The published ViT-B/14 (random weights saved as a teacher checkpoint; position table stored at 518 px)
     exported at 224 px (20-50 s on 2 busy cores: torch.export tracing dominates)."""
-    from dinov2.eval.model_loading import HUB_STUDENT_CFG
+    from dinov2.hub import HUB_STUDENT_CFG
     from dinov2.models import build_model
 
     torch.manual_seed(3)
@@ -163,7 +181,7 @@ def test_cli_real_vitb14_architecture_with_weights_file_at_224(tmp_path, capsys)
     assert rc == 0
     printed = capsys.readouterr().out
     for c in (3, 13, 202):
-        assert f"{c:3d} bands" in printed
+        assert f"224 px, {c:3d} bands" in printed
     sess = ort.InferenceSession(str(tmp_path / "vitb14.onnx"), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].shape[2:] == [224, 224]
     imgs, ids = _inputs(1, 13, size=224)

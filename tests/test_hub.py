@@ -14,6 +14,7 @@ import hubconf
 from conftest import ROOT, tiny_student_cfg
 from dinov2.models import build_model
 from dinov2.utils.checkpoint import load_pretrained_weights, save_atomic, select_state_dict
+from dinov2.weights_cache import cache_path, read_record, write_record
 
 
 def test_published_configuration_matches_reference_state_dict():
@@ -105,9 +106,10 @@ def test_download_once_then_reuse_and_strict_load(tmp_path, file_server, monkeyp
     assert _Handler.requests == [("GET", "/tiny.pth")]  # one download; the cached copy needs no request at all
     assert torch.equal(a.pos_embed, src.pos_embed) and torch.equal(b.blocks[0].mlp.fc1.weight,
                                                                   src.blocks[0].mlp.fc1.weight)
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", "tiny.pth")
+    cached = cache_path(url)  # keyed by the URL, not the release's place
+    assert os.path.dirname(os.path.dirname(cached)) == os.path.join(torch.hub.get_dir(), "checkpoints", "sources")
     digest = hashlib.sha256((serve / "tiny.pth").read_bytes()).hexdigest()
-    assert open(cached + ".sha256").read().split()[0] == digest  # recorded at download
+    assert read_record(cached) == {"sha256": digest, "source": url}  # recorded at download
     # a corrupted cached copy (digest differs from the recorded one) is downloaded again
     with open(cached, "r+b") as f:
         f.truncate(100)
@@ -126,7 +128,7 @@ def test_download_once_then_reuse_and_strict_load(tmp_path, file_server, monkeyp
     (serve / wrong).write_bytes((serve / "tiny.pth").read_bytes())
     with pytest.raises(RuntimeError, match="expected 0123456789: removed it"):
         hubconf.dinov2_vits14(weights=f"{base}/{wrong}", depth=1, img_size=28, progress=False)
-    assert not os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", wrong))
+    assert not os.path.exists(cache_path(f"{base}/{wrong}"))
 
 
 @pytest.mark.parametrize("variable", ["PANOPTICON_OFFLINE", "HF_HUB_OFFLINE"])
@@ -138,18 +140,56 @@ def test_offline_mode_never_touches_the_network(tmp_path, file_server, monkeypat
     monkeypatch.setenv(variable, "1")
     with pytest.raises(RuntimeError, match=r"offline mode .*tiny.pth is not cached.*weights="):
         hubconf.dinov2_vits14(weights=f"{base}/tiny.pth", depth=1, img_size=28, progress=False)
-    # a file placed in the cache by hand is used (and its digest recorded); still no request
-    folder = tmp_path / "hub" / "checkpoints"
-    folder.mkdir(parents=True)
-    (folder / "tiny.pth").write_bytes((serve / "tiny.pth").read_bytes())
-    m = hubconf.dinov2_vits14(weights=f"{base}/tiny.pth", depth=1, img_size=28, progress=False)
+    # a file placed in the cache by hand has no record of its source: refused, naming what to delete
+    url = f"{base}/tiny.pth"
+    path = cache_path(url)
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write((serve / "tiny.pth").read_bytes())
+    with pytest.raises(RuntimeError, match=r"offline mode .*no record of its source.*Delete .*tiny.pth and "):
+        hubconf.dinov2_vits14(weights=url, depth=1, img_size=28, progress=False)
+    # ... unless the caller names its digest, which proves the content
+    digest = hashlib.sha256((serve / "tiny.pth").read_bytes()).hexdigest()
+    m = hubconf.dinov2_vits14(weights=url, depth=1, img_size=28, progress=False, sha256=digest)
     assert torch.equal(m.cls_token, src.cls_token)
-    assert (folder / "tiny.pth.sha256").is_file()
-    with open(folder / "tiny.pth", "r+b") as f:
+    # a recorded copy that was changed afterwards (partial, corrupted) is refused too
+    write_record(path, digest, url)
+    assert torch.equal(hubconf.dinov2_vits14(weights=url, depth=1, img_size=28, progress=False).cls_token,
+                       src.cls_token)
+    with open(path, "r+b") as f:
         f.truncate(100)
-    with pytest.raises(RuntimeError, match="offline mode .* has SHA-256"):
-        hubconf.dinov2_vits14(weights=f"{base}/tiny.pth", depth=1, img_size=28, progress=False)
+    with pytest.raises(RuntimeError, match="offline mode .*differs from the one recorded"):
+        hubconf.dinov2_vits14(weights=url, depth=1, img_size=28, progress=False)
     assert _Handler.requests == []
+
+
+def test_mirror_download_never_serves_the_release(tmp_path, file_server, monkeypatch):
+    """A file fetched from a mirror with the release's file name is cached under the mirror: an offline load of the
+    release afterwards is an error, not the mirror's weights; the release's cached copy never serves the mirror."""
+    serve, base = file_server
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    for var in hubconf.OFFLINE_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    tiny = dict(depth=1, pe_args={"attn_dim": 32, "chnfus_cfg": {"attn_cfg": {"num_heads": 2}}})
+    mirror_model = hubconf.panopticon_vitb14(pretrained=False, **tiny)
+    torch.save(mirror_model.state_dict(), serve / "panopticon_vitb14_teacher.pth")
+    mirror = f"{base}/panopticon_vitb14_teacher.pth"
+    loaded = hubconf.panopticon_vitb14(weights=mirror, progress=False, **tiny)
+    assert torch.equal(loaded.cls_token, mirror_model.cls_token)
+    monkeypatch.setenv("PANOPTICON_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="offline mode .*lewaldm/panopticon.* is not cached"):
+        hubconf.panopticon_vitb14(progress=False, **tiny)
+    # the reverse: a recorded copy of the release never serves the mirror's URL
+    release = cache_path(hubconf.PANOPTICON_URL)
+    os.makedirs(os.path.dirname(release), exist_ok=True)
+    other = hubconf.panopticon_vitb14(pretrained=False, **tiny)
+    torch.save(other.state_dict(), release)
+    write_record(release, hashlib.sha256(open(release, "rb").read()).hexdigest(), hubconf.PANOPTICON_URL)
+    assert torch.equal(hubconf.panopticon_vitb14(progress=False, **tiny).cls_token, other.cls_token)
+    os.remove(cache_path(mirror))
+    with pytest.raises(RuntimeError, match="offline mode .*127.0.0.1.* is not cached"):
+        hubconf.panopticon_vitb14(weights=mirror, progress=False, **tiny)
+    assert _Handler.requests == [("GET", "/panopticon_vitb14_teacher.pth")]
 
 
 def test_offline_error_explains_local_file(tmp_path, monkeypatch):

@@ -97,33 +97,82 @@ def test_chunked_blocks_and_refused_layouts():
         from_torchgeo(dict(to_torchgeo(flat, 56), **{"model.head.weight": torch.zeros(2, 384)}))
 
 
+_SMALL = dict(patch_size=14, img_size=518, depth=2, block_chunks=0, embed_layer="PanopticonPE", init_values=1e-5,
+              pe_args={"attn_dim": 32, "chnfus_cfg": {"attn_cfg": {"num_heads": 2}}})
+_SMALL_CONFIG = ("student:\n  arch: vit_small\n  patch_size: 14\n  depth: 2\n  embed_layer: PanopticonPE\n"
+                 "  pos_emb_img_size: 518\n  pe_args: {attn_dim: 32, chnfus_cfg: {attn_cfg: {num_heads: 2}}}\n")
+
+
 def test_convert_cli_training_checkpoint_and_back(tmp_path, capsys):
     from dinov2.models.vision_transformer import vit_small
 
     torch.manual_seed(1)
-    model = vit_small(patch_size=14, img_size=518, depth=2, block_chunks=0, embed_layer="PanopticonPE",
-                      pe_args={"attn_dim": 32, "chnfus_cfg": {"attn_cfg": {"num_heads": 2}}})
+    model = vit_small(**_SMALL)
     sd = model.state_dict()
     ckpt = tmp_path / "model_final.pth"
     torch.save({"model": {"teacher.backbone." + k: v for k, v in sd.items()}, "iteration": 5}, ckpt)
+    (tmp_path / "config.yaml").write_text(_SMALL_CONFIG)
     tg_path, back_path = tmp_path / "tg.pth", tmp_path / "back.pth"
-    assert convert_main([str(tmp_path), str(tg_path)]) == 0  # a run folder: its model_final.pth
+    # not ViT-B/14: torchgeo's panopticon_vitb14 cannot load it, so it takes --force
+    assert convert_main([str(tmp_path), str(tg_path)]) == 2
+    assert "not a ViT-B/14 Panopticon" in capsys.readouterr().err and not tg_path.exists()
+    assert convert_main([str(tmp_path), str(tg_path), "--force"]) == 0  # a run folder: its model_final.pth
     assert "panopticon -> torchgeo layout, position grid 16x16" in capsys.readouterr().out
     tg = torch.load(tg_path, weights_only=True)
     assert tg["model.pos_embed"].shape == (1, 257, 384)
-    assert convert_main([str(tg_path), str(back_path), "--to", "panopticon"]) == 0
-    back = torch.load(back_path, weights_only=True)
+    assert convert_main([str(tg_path), str(back_path), "--to", "panopticon"]) == 2  # checked as ViT-B/14
+    assert "wrong shapes" in capsys.readouterr().err and not back_path.exists()
+    back = from_torchgeo(tg, img_size=518)
     assert set(back) == set(sd) and back["pos_embed"].shape == sd["pos_embed"].shape
     assert all(torch.equal(back[k], sd[k]) for k in sd if k not in ("pos_embed", "mask_token"))
-    with pytest.raises(ValueError, match="already in the torchgeo layout"):
-        convert_main([str(tg_path), str(tmp_path / "x.pth"), "--to", "torchgeo"])
-    # the converted-back file loads strictly through the hub entry point's loader
-    loaded = vit_small(patch_size=14, img_size=518, depth=2, block_chunks=0, embed_layer="PanopticonPE",
-                       pe_args={"attn_dim": 32, "chnfus_cfg": {"attn_cfg": {"num_heads": 2}}})
+    assert convert_main([str(tg_path), str(tmp_path / "x.pth"), "--to", "torchgeo"]) == 2
+    assert "already in the torchgeo layout" in capsys.readouterr().err
+    # the converted-back weights load strictly through the hub entry point's loader
+    torch.save(back, back_path)
+    loaded = vit_small(**_SMALL)
     hubconf._load_weights(loaded, str(back_path), "unused", progress=False)
     x = {"imgs": torch.randn(1, 3, 28, 28), "chn_ids": torch.tensor([[664, 559, 493]])}
     with torch.no_grad():
         assert model.eval()(x).shape == loaded.eval()(x).shape
+
+
+def test_convert_refuses_wrong_shapes_and_non_finite_values(released, tmp_path, capsys):
+    """Every key, shape and value is checked before anything is written."""
+    path = tmp_path / "teacher.pth"
+    broken = dict(released)
+    broken["blocks.3.attn.qkv.weight"] = broken["blocks.3.attn.qkv.weight"][:, :700].clone()
+    torch.save(broken, path)
+    for target in ("torchgeo", "panopticon"):
+        out = tmp_path / f"out_{target}.safetensors"
+        assert convert_main([str(path), str(out), "--to", target]) == 2
+        err = capsys.readouterr().err
+        assert "blocks.3.attn.qkv.weight has shape (2304, 700), expected (2304, 768)" in err, err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+    nan = dict(released)
+    nan["norm.weight"] = nan["norm.weight"].clone()
+    nan["norm.weight"][5] = float("nan")
+    torch.save(nan, path)
+    assert convert_main([str(path), str(tmp_path / "tg.pth")]) == 2
+    assert "NaN or infinite values in: model.norm.weight" in capsys.readouterr().err
+    assert not (tmp_path / "tg.pth").exists()
+
+
+def test_convert_to_safetensors_keeps_the_config_and_loads(released, tmp_path, capsys):
+    from dinov2 import load_model
+
+    src = tmp_path / "panopticon_vitb14_teacher.pth"
+    torch.save(released, src)
+    out = tmp_path / "repo" / "model.safetensors"
+    assert convert_main([str(src), str(out), "--to", "panopticon"]) == 0  # format only, grid unchanged
+    assert "panopticon -> panopticon layout, position grid 37x37" in capsys.readouterr().out
+    assert (tmp_path / "repo" / "config.yaml").is_file()
+    model = load_model(str(out))
+    assert all(torch.equal(model.state_dict()[k], released[k]) for k in released)
+    tg = tmp_path / "tg.safetensors"
+    assert convert_main([str(out), str(tg)]) == 0
+    from safetensors.torch import load_file
+
+    assert load_file(str(tg))["model.pos_embed"].shape == (1, 257, 768)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchgeo") is None or importlib.util.find_spec("timm") is None,
@@ -138,3 +187,56 @@ def test_equal_outputs_with_torchgeo(released):
     x = {"imgs": torch.randn(2, 4, 224, 224), "chn_ids": torch.tensor([[664, 559, 493, 842]] * 2)}
     with torch.no_grad():
         torch.testing.assert_close(tg_model(x), ours.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_torchgeo_position_table_difference_is_the_table_alone():
+    """torchgeo resamples the stored table once (antialiased) for its image size; this model interpolates it per
+    forward pass. Equal on the stored grid; at another size the class tokens differ, and the difference is the
+    table alone: given the table this model would interpolate, the converted model agrees again."""
+    from dinov2.interop import torchgeo_table_difference
+    from dinov2.models import build_model
+
+    cfg = dict(arch="vit_small", embed_dim=48, depth=2, num_heads=3, patch_size=14, layerscale=1.0,
+               embed_layer="PanopticonPE", pe_args={"attn_dim": 32, "chnfus_cfg": {"attn_cfg": {"num_heads": 2}}})
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, only_teacher=True, img_size=518)
+    grid = torch.linspace(0, 6.28, 37)  # a smooth table of trained magnitude, as a learned one is
+    table = torch.sin(grid[:, None, None] * torch.arange(1, 49) / 8) * torch.cos(grid[None, :, None] * 3)
+    with torch.no_grad():
+        model.pos_embed[0, 1:] = table.reshape(37 * 37, 48)
+    sd = model.state_dict()
+    x = {"imgs": torch.randn(2, 4, 224, 224), "chn_ids": torch.tensor([[490, 560, 665, 842]] * 2)}
+    at_224 = torchgeo_table_difference(sd, x, cfg)
+    assert at_224 > 1e-3
+    x518 = {"imgs": torch.randn(1, 4, 518, 518), "chn_ids": torch.tensor([[490, 560, 665, 842]])}
+    assert torchgeo_table_difference(sd, x518, cfg) == 0.0
+    with torch.no_grad():
+        own_table = model.interpolate_pos_encoding(torch.zeros(1, 257, 48), 16, 16)
+    small, _ = build_model(cfg, only_teacher=True, img_size=224)
+    small.load_state_dict(dict(sd, pos_embed=own_table))
+    with torch.no_grad():
+        assert (small.eval()(x) - model.eval()(x)).abs().max() < 1e-5
+
+
+def test_forward_resampled_table_makes_the_converted_model_agree(tmp_path):
+    """`convert --pos-resample forward`: the torchgeo-layout table is the one this model interpolates at that
+    size, so the converted model (built at 224 px, table used as is) gives this model's outputs."""
+    from dinov2.models.vision_transformer import vit_small
+
+    torch.manual_seed(2)
+    model = vit_small(**dict(_SMALL, init_values=1.0)).eval()
+    with torch.no_grad():
+        model.pos_embed.mul_(50)  # a table of trained magnitude
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": {"teacher.backbone." + k: v for k, v in model.state_dict().items()}}, path)
+    (tmp_path / "config.yaml").write_text(_SMALL_CONFIG.replace("student:\n", "student:\n  layerscale: 1.0\n"))
+    x = {"imgs": torch.randn(2, 3, 224, 224), "chn_ids": torch.tensor([[664, 559, 493]] * 2)}
+    outputs = {}
+    for resample in ("antialias", "forward"):
+        out = tmp_path / f"{resample}.pth"
+        assert convert_main([str(path), str(out), "--force", "--pos-resample", resample]) == 0
+        converted = vit_small(**dict(_SMALL, init_values=1.0, img_size=224)).eval()
+        converted.load_state_dict(from_torchgeo(torch.load(out), img_size=224, mask_token=model.mask_token.data))
+        with torch.no_grad():
+            outputs[resample] = (converted(x) - model(x)).abs().max().item()
+    assert outputs["forward"] < 1e-5 < 1e-3 < outputs["antialias"], outputs

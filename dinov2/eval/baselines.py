@@ -213,15 +213,10 @@ def build_baseline(obj: str) -> nn.Module:
     source, name, opts = parse_baseline(obj)
     wavelengths = band_wavelengths(opts.get("bands"))
     if source == "dinov2":
-        import importlib.util
-        from pathlib import Path
+        from dinov2.hub_entries import ENTRY_POINTS
 
-        spec = importlib.util.spec_from_file_location("_panopticon_hubconf",
-                                                      Path(__file__).resolve().parents[2] / "hubconf.py")
-        hub = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(hub)
         pretrained = _truthy(opts.get("pretrained"), True)
-        vit = getattr(hub, name)(pretrained=pretrained and "weights" not in opts, weights=opts.get("weights"))
+        vit = ENTRY_POINTS[name](pretrained=pretrained and "weights" not in opts, weights=opts.get("weights"))
         if len(wavelengths) != 3:
             raise ValueError(f"{obj}: DINOv2 ViTs take 3 bands, bands= selects {len(wavelengths)}")
         return BandSelectViT(vit, wavelengths).eval()

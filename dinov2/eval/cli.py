@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("model-obj", default=None,
         help="(required) ;-separated run folders, .pth files or globs of the models to evaluate")
-    add("config-obj", default=None, help="';'-separated task yaml files / folders / globs (default: $CDIR/eval/5min)")
+    add("config-obj", default=None, help="';'-separated task yaml files / folders / globs, or shipped suite / task "
+        "names (demo, 5min, 1h/geobench/so2sat; `panopticon configs` lists them) (default: 5min)")
     add("output-dir", default=None, help="output folder (only with a single model; default <run>/eval_model_final)")
     add("overwrite", type=_bool, nargs="?", const=True, default=False,
         help="re-run tasks whose results.csv exists even when their settings did not change")

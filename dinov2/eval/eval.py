@@ -4,7 +4,8 @@
         [--output-dir=DIR] [--overwrite] [--device=cpu|cuda] [--use-wandb] [--log-file=PATH] \
         [--distribute=runs|models] [--barrier] [--optim.epochs=1 ...]
 
-Model objects: see ``dinov2.eval.model_loading``. Config objects: ``;``-separated yaml files / folders / globs;
+Model objects: see ``dinov2.eval.model_loading``. Config objects: ``;``-separated yaml files / folders / globs, or
+names of shipped suites and tasks (``demo``, ``5min``, ``1h/geobench/so2sat``; ``dinov2.utils.config_names``);
 each yaml (recursively, ``defaults/`` excluded) is a task named by its path relative to ``$CDIR/eval`` without
 ``.yaml``, e.g. ``5min/m-eurosat_knn`` (outside that tree: relative to the given folder's parent, or
 ``<parent folder>/<stem>`` for a single file, so a task keeps its name either way). Extra keyword arguments are dotted
@@ -26,7 +27,6 @@ of the whole call is appended there too (besides each model's ``<output dir>/log
 from __future__ import annotations
 
 import difflib
-import glob
 import logging
 import os
 import sys
@@ -40,6 +40,7 @@ if __name__ == "__main__" and __package__ is None:  # `python dinov2/eval/eval.p
 from dinov2.eval import results as res  # noqa: E402
 from dinov2.eval.model_loading import ModelSpec, build_eval_backbone, resolve_model_objs  # noqa: E402
 from dinov2.eval.tasks import build_task_cfg, eval_config_root, run_task  # noqa: E402
+from dinov2.utils.config_names import resolve_config_obj  # noqa: E402
 
 logger = logging.getLogger("dinov2")
 DISTRIBUTE_MODES = ("runs", "models")
@@ -114,10 +115,10 @@ def resolve_config_objs(config_obj: str) -> List[Tuple[str, Path]]:
     root = eval_config_root().resolve()
     tasks: Dict[str, Path] = {}
     for part in [s.strip() for s in str(config_obj).split(";") if s.strip()]:
-        part = os.path.expanduser(os.path.expandvars(part))
-        paths = [part] if os.path.exists(part) else sorted(glob.glob(part))
+        paths = resolve_config_obj(part)  # a path or glob, else a shipped suite / task name
         if not paths:
-            raise FileNotFoundError(f"Config object {part!r} matches no yaml file or folder")
+            raise FileNotFoundError(f"Config object {part!r} matches no yaml file or folder, nor a shipped "
+                                    "evaluation config (`panopticon configs` lists them)")
         for p in map(lambda s: Path(s).resolve(), paths):
             if p.is_dir():
                 files = [f for f in sorted(p.rglob("*.yaml")) if "defaults" not in f.relative_to(p).parts]

@@ -270,11 +270,15 @@ class PanopticonPE(nn.Module):
 
             # Work through the image a band of patch rows at a time: the rearranged patches of one band stay
             # in cache for the two matmuls that read them (the full 202-band cube does not fit).
-            # (one band when tracing: the chunk count would otherwise be baked in for the example's B and C)
-            rows = h if is_tracing() else self._rows_per_chunk(B, C, w)
+            # (one band when tracing: a chunk count would be baked in for the example's B, C and size, and a
+            # loop over a symbolic height would fix the height)
+            if is_tracing():
+                bands = [(0, h)]
+            else:
+                rows = self._rows_per_chunk(B, C, w)
+                bands = [(r0, min(rows, h - r0)) for r0 in range(0, h, rows)]
             chunks = []
-            for r0 in range(0, h, rows):
-                r = min(rows, h - r0)
+            for r0, r in bands:
                 x = imgs[:, :, r0 * P:(r0 + r) * P, : w * P].float()
                 patches = x.reshape(B, C, r, P, w, P).permute(0, 2, 4, 1, 3, 5).reshape(B, r * w, C, P * P)
                 logits = torch.matmul(patches, kappa.t()).transpose(-1, -2)  # (B, l, H, C)

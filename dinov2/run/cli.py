@@ -28,14 +28,16 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "embed": ("dinov2.run.embed", "georeferenced embeddings of GeoTIFF/COG/STAC scenes (COG + GeoParquet)"),
     "search": ("dinov2.run.search", "find the chips most similar to a chip or a point in a chips.parquet"),
     "predict": ("dinov2.run.predict", "apply a trained segmentation head to scenes: class and probability COGs"),
+    "configs": ("dinov2.run.configs", "list the shipped training and evaluation configs by name (--show prints one)"),
     "prepare_data": ("dinov2.run.prepare_data", "build metadata/split files and shards of downloaded datasets "
                      "(MMEarth, EuroSAT-SAR, BigEarthNet-v2 shards)"),
 }
 
 EPILOG = """examples:
   panopticon demo --output-dir outputs/demo
-  panopticon train --config-file dinov2/configs/demo.yaml --output-dir runs/mine train.dataset.scenes=scenes.yaml
-  panopticon eval --model-obj runs/mine --config-obj dinov2/configs/eval/demo --test_dataset.scenes=scenes.yaml
+  panopticon configs
+  panopticon train --config-file demo --output-dir runs/mine train.dataset.scenes=scenes.yaml
+  panopticon eval --model-obj runs/mine --config-obj demo --test_dataset.scenes=scenes.yaml
   panopticon convert --to torchgeo runs/mine/model_final.pth panopticon_torchgeo.pth
 
 Run `panopticon <command> --help` for a command's options.
@@ -61,12 +63,13 @@ def run_command(name: str, fn: Callable[[Sequence[str]], Optional[int]], argv: S
     """Run one command's `main` with `prog` in its usage lines; input errors become a one-line message and exit
     status 2 instead of a traceback."""
     from dinov2.run.submit import SlurmUnavailableError
+    from dinov2.weights_cache import WeightsError
 
     saved = sys.argv[0]
     sys.argv[0] = prog or f"panopticon {name}"  # argparse takes `prog` from argv[0]
     try:
         rc = fn(list(argv))
-    except (ValueError, FileNotFoundError, SlurmUnavailableError) as exc:
+    except (ValueError, FileNotFoundError, SlurmUnavailableError, WeightsError) as exc:
         print(f"{sys.argv[0]}: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -1,8 +1,11 @@
-"""Export a Panopticon backbone as ONNX and/or a torch.export program (``panopticon export``).
+"""Export a backbone as ONNX, a torch.export program and/or safetensors weights (``panopticon export``).
 
-The exported model takes ``imgs`` (B, C, H, W) float32 and ``chn_ids`` (B, C) float32 (band centre wavelengths in
-nm, SAR codes -1..-12), with any batch size and any channel count, and returns ``embedding`` (B, D), the normed
-class token. H = W = --img-size (default 224); the positional embedding is resampled to it once at export.
+The exported graph takes ``imgs`` (B, C, H, W) float32 and ``chn_ids`` (B, C) (band centre wavelengths in nm, SAR
+codes -1..-12; float32, or int64 with --chn-ids-dtype int64), plus ``spec_masks`` (B, C) bool with --spec-masks,
+with any batch size and any channel count, and returns the --outputs: ``embedding`` (B, D), the normed class token,
+and/or ``patch_tokens`` (B, N, D), the normed patch tokens. H = W = --img-size (default 224; the position table is
+resampled to it once), or any multiple of the patch size with --dynamic-size. --format safetensors writes the
+weights with the config that rebuilds them (for `load_model` and the Hugging Face Hub). See docs/export.md.
 """
 from __future__ import annotations
 
@@ -10,20 +13,20 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
-HUB_MODELS = ("panopticon_vitb14",)
-FORMATS = ("onnx", "torch-export", "both")
-RELEASE_URL = "https://huggingface.co/lewaldm/panopticon/resolve/main/panopticon_vitb14_teacher.pth"
+FORMATS = ("onnx", "torch-export", "both", "safetensors")
+SUFFIXES = (".onnx", ".pt2", ".safetensors")
+TOLERANCE = 1e-4
 
-EPILOG = f"""examples:
-  # the released ViT-B/14 (download {RELEASE_URL} first)
-  python -m dinov2.run.export --model panopticon_vitb14 --weights panopticon_vitb14_teacher.pth \\
-      --output panopticon_vitb14 --format both
-  # random weights (architecture only), checked against PyTorch with onnxruntime on 3, 13 and 202 bands
-  python -m dinov2.run.export --model panopticon_vitb14 --pretrained false --output /tmp/vitb14 --check
-  # the teacher of a training run (folder with model_final.pth and config.yaml, or a .pth checkpoint)
-  panopticon export --model outputs/my_run --output my_run.onnx
+EPILOG = """examples:
+  # the released ViT-B/14 (downloaded once into the weights cache), CLS embedding at 224 px
+  panopticon export --model panopticon_vitb14 --output panopticon_vitb14.onnx --check
+  # dense: class and patch tokens, any image size (multiples of 14), checked with onnxruntime
+  panopticon export --model panopticon_vitb14 --pretrained false --output /tmp/dense.onnx \\
+      --outputs embedding,patch_tokens --dynamic-size --check
+  # the teacher of a training run, as safetensors with its config (load_model / Hugging Face Hub)
+  panopticon export --model runs/mine --format safetensors --output hf_repo/model.safetensors
 """
 
 
@@ -40,104 +43,132 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="panopticon export", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help=f"a hub model name ({', '.join(HUB_MODELS)}; needs --weights unless --pretrained false), "
-                        "a training run folder (model_final.pth + config.yaml), or a .pth checkpoint")
+                   help="a hub name (panopticon_vitb14, dinov2_vits14, ...; the released weights unless --weights "
+                        "or --pretrained false), hf-hub:ORG/NAME[@REVISION], a training run folder, or a "
+                        ".pth/.safetensors checkpoint")
     p.add_argument("--weights", default=None,
-                   help="weights file of a hub model (the released teacher .pth, or a hub-format state dict)")
+                   help="weights of a hub name (a local file or URL), or the weights file inside an hf-hub repo")
     p.add_argument("--pretrained", type=_bool, default=True, metavar="true|false",
-                   help="with a hub model name: false exports random weights (architecture tests); default true")
+                   help="with a hub name: false exports random weights (architecture tests); default true")
     p.add_argument("--output", required=True,
-                   help="output path; .onnx / .pt2 is appended (with --format both, both files share the stem)")
+                   help="output path; .onnx / .pt2 / .safetensors is appended (with --format both, both files "
+                        "share the stem)")
     p.add_argument("--format", choices=FORMATS, default="onnx",
-                   help="onnx (default), torch-export (a .pt2 program for torch.export.load) or both")
+                   help="onnx (default), torch-export (a .pt2 program for torch.export.load), both, or "
+                        "safetensors (the weights, with the config that rebuilds them in the header and in a "
+                        "config.yaml beside the file)")
     p.add_argument("--img-size", "--img_size", dest="img_size", type=int, default=224,
-                   help="image height = width of the exported model in pixels (multiple of the patch size, 14)")
+                   help="image height = width of the exported graph in pixels (multiple of the patch size); with "
+                        "--dynamic-size the size of the tracing example and of --check")
+    p.add_argument("--outputs", type=str, default="embedding", metavar="NAMES",
+                   help="comma-separated graph outputs: embedding (B, D, the normed class token) and/or "
+                        "patch_tokens (B, N, D, the normed patch tokens); default embedding")
+    p.add_argument("--dynamic-size", "--dynamic_size", dest="dynamic_size", action="store_true",
+                   help="height and width dynamic (multiples of the patch size); the position table is "
+                        "interpolated in the graph as the eager model does")
+    p.add_argument("--chn-ids-dtype", "--chn_ids_dtype", dest="chn_ids_dtype", choices=("float32", "int64"),
+                   default="float32", help="dtype of the chn_ids input (default float32)")
+    p.add_argument("--spec-masks", "--spec_masks", dest="spec_masks", action="store_true",
+                   help="add a third input spec_masks (B, C) bool, True = ignore that channel")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset version (default 18)")
     p.add_argument("--check", action="store_true",
-                   help="after an ONNX export, compare onnxruntime with PyTorch on 3, 13 and 202 bands")
+                   help=f"after an ONNX export, compare onnxruntime with PyTorch on 3, 13 and 202 bands (at "
+                        f"--img-size, and twice that with --dynamic-size); fails on a difference above "
+                        f"{TOLERANCE:g} or any non-finite value")
     return p
 
 
-def _weights_entry(path: str) -> dict:
-    """How to find the backbone in a weights file: a raw backbone state dict (the release), a teacher checkpoint
-    ``{'teacher': {backbone.*}}`` or a training checkpoint ``{'model': {teacher.backbone.*}}``."""
-    from dinov2.utils.checkpoint import load_checkpoint_file
-
-    ckpt = load_checkpoint_file(path)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("teacher"), dict):
-        return {"path": path, "checkpoint_key": "teacher", "prefix_map": {"backbone.": ""}}
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        return {"path": path, "checkpoint_key": "model", "prefix_map": {"teacher.backbone.": ""}}
-    return {"path": path, "checkpoint_key": None}
-
-
-def load_model(model: str, weights: Optional[str] = None, pretrained: bool = True):
-    """The backbone (eval mode) named by `model`: a hub name, a run folder or a checkpoint file."""
-    from dinov2.eval.model_loading import HUB_STUDENT_CFG, ModelSpec, build_eval_backbone, resolve_model_objs
-    from dinov2.models import build_model
-
-    if model in HUB_MODELS:
-        if weights is None:
-            if pretrained:
-                raise ValueError(f"--model {model} needs --weights <file> (download {RELEASE_URL}) "
-                                 "or --pretrained false for random weights")
-            backbone, _ = build_model(dict(HUB_STUDENT_CFG), only_teacher=True,
-                                      img_size=int(HUB_STUDENT_CFG["pos_emb_img_size"]))
-            return backbone.eval()
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"--weights {weights!r} does not exist")
-        spec = ModelSpec(str(weights), dict(HUB_STUDENT_CFG), [_weights_entry(str(weights))], output_dir="",
-                         kind="hub")
-        return build_eval_backbone(spec).backbone.eval()  # every backbone parameter must be in the file
-    if weights is not None:
-        raise ValueError("--weights is only for hub model names; give the checkpoint itself as --model")
-    if not Path(model).exists():
-        raise FileNotFoundError(f"--model {model!r} is neither a hub name ({', '.join(HUB_MODELS)}) nor an "
-                                "existing run folder or checkpoint")
-    specs = resolve_model_objs(str(model))
-    if len(specs) != 1:
-        raise ValueError(f"--model {model!r} resolves to {len(specs)} checkpoints; name one of "
-                         f"{[s.ckpt_path for s in specs][:5]}")
-    return build_eval_backbone(specs[0]).backbone.eval()
-
-
-def output_paths(output: str, fmt: str) -> Tuple[Optional[Path], Optional[Path]]:
-    """(onnx path, .pt2 path) for `--output` and `--format`."""
+def output_paths(output: str, fmt: str) -> Dict[str, Path]:
+    """{'onnx'|'torch-export'|'safetensors': path} for `--output` and `--format`."""
     out = Path(output)
-    stem = out.with_suffix("") if out.suffix in (".onnx", ".pt2") else out
-    onnx_path = stem.with_name(stem.name + ".onnx") if fmt in ("onnx", "both") else None
-    pt2_path = stem.with_name(stem.name + ".pt2") if fmt in ("torch-export", "both") else None
-    return onnx_path, pt2_path
+    stem = out.with_suffix("") if out.suffix in SUFFIXES else out
+    wanted = {"both": ("onnx", "torch-export")}.get(fmt, (fmt,))
+    suffix = {"onnx": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}
+    return {f: stem.with_name(stem.name + suffix[f]) for f in wanted}
+
+
+def load_backbone(model: str, weights: Optional[str] = None, pretrained: bool = True):
+    """The backbone (eval mode) named by `model`, through `dinov2.load_model`."""
+    from dinov2.hub import hub_names, load_model
+
+    if weights is not None and model not in hub_names() and not model.startswith("hf-hub:"):
+        raise ValueError("--weights is only for hub names and hf-hub: repositories; give the checkpoint itself as "
+                         "--model")
+    return load_model(model, pretrained=pretrained, weights=weights)
+
+
+def _check_finite(backbone) -> None:
+    import torch
+
+    bad = [k for k, v in backbone.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"the model's weights hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}); "
+                         "refusing to export them")
+
+
+def write_safetensors(backbone, path: Path) -> None:
+    """The backbone state dict as safetensors, its config in the header and in `config.yaml` beside it."""
+    from dinov2.utils.checkpoint import save_backbone_safetensors
+
+    student = getattr(getattr(backbone, "info", None), "config", None)
+    if student is None:
+        raise ValueError("the model's architecture config is unknown; export a run folder, checkpoint or hub model")
+    save_backbone_safetensors(backbone.state_dict(), str(path), student)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`panopticon export` entry point; anticipated errors (bad model, weights, options) -> one line, exit 2."""
     args = build_parser().parse_args(argv)
-    from dinov2.export import check_onnx, export_onnx, save_program
+    from dinov2.weights_cache import WeightsError
 
-    t0 = time.time()
-    print(f"[export] loading {args.model}", flush=True)
     try:
-        backbone = load_model(args.model, args.weights, args.pretrained)
-    except (ValueError, FileNotFoundError) as exc:
+        return _export(args)
+    except (ValueError, FileNotFoundError, WeightsError, ModuleNotFoundError) as exc:
         print(f"panopticon export: error: {exc}", file=sys.stderr)
         return 2
-    onnx_path, pt2_path = output_paths(args.output, args.format)
-    for path in (onnx_path, pt2_path):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    if pt2_path is not None:
-        print(f"[export] torch.export program at {args.img_size} px -> {pt2_path}", flush=True)
-        save_program(backbone, str(pt2_path), img_size=args.img_size)
-    if onnx_path is not None:
-        print(f"[export] ONNX (opset {args.opset}) at {args.img_size} px -> {onnx_path}", flush=True)
-        export_onnx(backbone, str(onnx_path), img_size=args.img_size, opset=args.opset)
+
+
+def _export(args: argparse.Namespace) -> int:
+    outputs = [t.strip() for t in str(args.outputs).split(",") if t.strip()]
+    t0 = time.time()
+    print(f"[export] loading {args.model}", flush=True)
+    backbone = load_backbone(args.model, args.weights, args.pretrained)
+    _check_finite(backbone)
+    import torch
+
+    from dinov2.export import check_options, export_onnx, onnx_parity, save_program
+
+    dtype = {"float32": torch.float32, "int64": torch.int64}[args.chn_ids_dtype]
+    graph = dict(outputs=outputs, dynamic_size=args.dynamic_size, chn_ids_dtype=dtype, spec_masks=args.spec_masks)
+    paths = output_paths(args.output, args.format)
+    if "safetensors" not in paths:
+        check_options(backbone, args.img_size, **graph)
+    elif args.check:
+        raise ValueError("--check compares an ONNX export with PyTorch; use --format onnx or both")
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    size = "dynamic size" if args.dynamic_size else f"{args.img_size} px"
+    if "safetensors" in paths:
+        print(f"[export] safetensors weights -> {paths['safetensors']} (+ config.yaml)", flush=True)
+        write_safetensors(backbone, paths["safetensors"])
+    if "torch-export" in paths:
+        print(f"[export] torch.export program ({size}, outputs {','.join(outputs)}) -> {paths['torch-export']}",
+              flush=True)
+        save_program(backbone, str(paths["torch-export"]), img_size=args.img_size, **graph)
+    if "onnx" in paths:
+        print(f"[export] ONNX (opset {args.opset}, {size}, outputs {','.join(outputs)}) -> {paths['onnx']}",
+              flush=True)
+        export_onnx(backbone, str(paths["onnx"]), img_size=args.img_size, opset=args.opset, **graph)
         if args.check:
-            diffs = check_onnx(backbone, str(onnx_path), img_size=args.img_size, batch=1)
-            for c, d in diffs.items():
-                print(f"[export] onnxruntime vs PyTorch, {c:3d} bands: max |diff| = {d:.2e}")
-            if max(diffs.values()) > 1e-4:
-                print("panopticon export: error: ONNX output differs from PyTorch by more than 1e-4",
-                      file=sys.stderr)
+            sizes = (args.img_size, 2 * args.img_size) if args.dynamic_size else (args.img_size,)
+            diffs = onnx_parity(backbone, str(paths["onnx"]), sizes=sizes, batch=1, outputs=outputs,
+                                chn_ids_dtype=dtype, spec_masks=args.spec_masks)
+            for (px, c), d in diffs.items():
+                print(f"[export] onnxruntime vs PyTorch, {px} px, {c:3d} bands: max |diff| = {d:.2e}")
+            failed = [k for k, d in diffs.items() if not d <= TOLERANCE]  # NaN fails too
+            if failed:
+                print(f"panopticon export: error: ONNX output differs from PyTorch by more than {TOLERANCE:g} or is "
+                      f"not finite at (px, bands) {failed}", file=sys.stderr)
                 return 1
     print(f"[export] done in {time.time() - t0:.0f} s")
     return 0

@@ -32,6 +32,7 @@ from dinov2.train.run_lock import RunLock
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.checkpoint import load_pretrained_weights, save_atomic
 from dinov2.utils.config import apply_scaling_rules, load_config, write_config
+from dinov2.utils.config_names import resolve_config_file
 from dinov2.utils.dtype import as_torch_dtype
 from dinov2.utils.param_groups import apply_optim_schedule
 from dinov2.utils.utils import CosineScheduler, fix_random_seeds
@@ -43,8 +44,8 @@ _RUN_LOCK: Optional[RunLock] = None  # held by the main rank from setup() until 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Panopticon pretraining", add_help=add_help)
     p.add_argument("--config-file", "--config_file", dest="config_file", default="",
-                   help="training config YAML, merged over dinov2/configs/defaults/pretrain_default.yaml "
-                        "(e.g. dinov2/configs/demo.yaml)")
+                   help="training config YAML, merged over the shipped defaults: a file, or the name of a "
+                        "shipped config (debug, demo, quick_check, stage1, stage2; `panopticon configs` lists them)")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="",
                    help="run folder: config.yaml, logs/, checkpoints, model_final.pth (default: train.output_dir)")
     p.add_argument("--env", default=None,
@@ -61,7 +62,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def setup(args) -> "DictConfig":  # noqa: F821
     """Assemble the config, start distributed, logging and seeds, apply scaling rules, write config.yaml."""
     opts = [o for o in (args.opts or []) if o != "--"]
-    cfg = load_config(args.config_file or None, opts, env_file=args.env, fastdevrun=args.fastdevrun)
+    config_file = resolve_config_file(args.config_file) if args.config_file else None  # a path or a shipped name
+    cfg = load_config(config_file, opts, env_file=args.env, fastdevrun=args.fastdevrun)
     out = args.output_dir or str(cfg.train.get("output_dir") or ".")
     launcher = None
     if distributed.launched_by_torchrun() and bool(cfg.train.get("exit_with_launcher", True)):

@@ -10,6 +10,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from dinov2.weights_cache import WeightsError
+
 logger = logging.getLogger("dinov2")
 
 
@@ -21,17 +23,50 @@ def _split_patterns(patterns: Union[None, str, Iterable[str]]) -> List[str]:
     return [str(p) for p in patterns]
 
 
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Tensors and header metadata of a `.safetensors` file (needs the `safetensors` package, extra `hub`)."""
+    try:
+        from safetensors import safe_open
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"reading {path} needs safetensors: pip install 'panopticon[hub]'") from exc
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # a truncated or foreign file: safetensors raises its own error types
+        raise WeightsError(f"could not read safetensors file {path}: {exc}") from exc
+
+
+def is_safetensors(path: str) -> bool:
+    """True when the file is in the safetensors format (by content: an 8-byte header length, then JSON), whatever
+    its name (the Hugging Face cache stores files under content hashes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+    except OSError:
+        return False
+
+
 def load_checkpoint_file(path: str, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Load a local checkpoint file or an http(s) URL (downloaded once into the torch hub cache)."""
+    """Load a local checkpoint (`.pth` or `.safetensors`) or an http(s) URL (downloaded once into the weights
+    cache, keyed by the URL: `dinov2.weights_cache`)."""
     if str(path).startswith(("http://", "https://")):
-        return torch.hub.load_state_dict_from_url(str(path), map_location=map_location, weights_only=True)
+        from dinov2.weights_cache import cached_download
+
+        path = cached_download(str(path))
     path = os.path.expandvars(os.path.expanduser(str(path)))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(SAFETENSORS_SUFFIX) or is_safetensors(path):
+        tensors, _ = read_safetensors(path)
+        return {k: v.to(map_location) for k, v in tensors.items()}
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated downloads and non-checkpoint files end up here
-        raise RuntimeError(f"could not read checkpoint {path}: {exc}") from exc
+        raise WeightsError(f"could not read checkpoint {path}: {exc}") from exc
 
 
 BACKBONE_PREFIXES = ("teacher.backbone.", "backbone.")
@@ -172,3 +207,51 @@ def write_atomic(path: str, write: Callable[[str], None], suffix: str = "") -> s
 def save_atomic(obj: Any, path: str) -> None:
     """`torch.save` to a temp file in the same folder, then `os.replace`: readers never see a partial file."""
     write_atomic(path, lambda tmp: torch.save(obj, tmp), suffix=".pth")
+
+
+# safetensors header metadata: the `student` config section (JSON) that rebuilds the backbone
+STUDENT_METADATA_KEY = "panopticon.student"
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
+                     metadata: Optional[Mapping[str, str]] = None) -> str:
+    """Write `state_dict` as `.safetensors` atomically (tensors made contiguous; shared storage copied)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"writing {path} needs safetensors: pip install 'panopticon[hub]'") from exc
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=SAFETENSORS_SUFFIX)
+
+
+def save_backbone_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
+                              student_cfg: Optional[Mapping[str, Any]] = None,
+                              metadata: Optional[Mapping[str, str]] = None) -> str:
+    """A backbone as `.safetensors` with the `student` config that rebuilds it, in the file's header and in a
+    `config.yaml` beside it (the Hugging Face Hub convention; an existing `config.yaml` with other content is an
+    error, checked before anything is written)."""
+    import json
+
+    import yaml
+
+    meta = dict(metadata or {})
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
+    text = None
+    if student_cfg is not None:
+        student = json.loads(json.dumps(dict(student_cfg)))  # plain types, as they will be read back
+        meta[STUDENT_METADATA_KEY] = json.dumps(student)
+        text = yaml.safe_dump({"student": student}, sort_keys=False)
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                if f.read() != text:
+                    raise ValueError(f"{cfg_path} exists with another config; write the safetensors file to "
+                                     "another folder")
+    save_safetensors(state_dict, path, meta)
+    if text is not None:
+        def write_text(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        write_atomic(cfg_path, write_text, suffix=".yaml")
+    return path
