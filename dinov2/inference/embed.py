@@ -197,6 +197,9 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
             jobs.append(SceneEmbedder(scene, model, output_dir, settings, device, digest, policy))
             jobs[-1].reader.close()  # reopened when the scene runs
         os.makedirs(os.path.join(output_dir, ".embed"), exist_ok=True)
+        chips = os.path.join(output_dir, "chips.parquet")
+        if rank == 0 and os.path.exists(chips):  # rebuilt at the end: never left describing an older state
+            os.remove(chips)
         for emb in jobs:
             try:
                 finished = broadcast(emb.is_done() if rank == 0 else None, world)
@@ -215,7 +218,6 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
             done.append(emb.final_tif)
         result: Dict[str, Any] = {"patches": done, "skipped": skipped, "chips": None, "n_chips": 0}
         if rank == 0:
-            chips = os.path.join(output_dir, "chips.parquet")
             result["n_chips"] = write_geoparquet(tables, chips)
             result["chips"] = chips
         if world > 1:

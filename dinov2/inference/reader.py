@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from dinov2.data.io import LazyHandles, UnreadableFileError
+from dinov2.data.io import LazyHandles, read_raster_band
 from dinov2.data.normalize import robust_band_stats
 from dinov2.data.raster_open import LOCAL_ONLY, RasterPolicy, named_opener
 from dinov2.data.tiling import RasterGroup, common_extent
@@ -108,16 +108,12 @@ class SceneReader:
         gc, gr = (x0 - g.left) / g.res, (g.top - y0) / g.res
         gw, gh = w * self.grid.res / g.res, h * self.grid.res / g.res
         same = abs(g.res - self.grid.res) < 1e-9 and abs(gc - round(gc)) < 1e-6 and abs(gr - round(gr)) < 1e-6
-        try:
-            if same and out_h == h and out_w == w:
-                win = Window(int(round(gc)), int(round(gr)), w, h)
-                return src.read(ch.index, window=win)
-            gc, gr = max(gc, 0.0), max(gr, 0.0)
-            gw, gh = min(gw, g.width - gc), min(gh, g.height - gr)
-            return src.read(ch.index, window=Window(gc, gr, gw, gh), out_shape=(out_h, out_w),
-                            resampling=_resampling("bilinear" if not same else "average"))
-        except Exception as e:  # rasterio raises RasterioIOError/CPLE_* on corrupt blocks
-            raise UnreadableFileError(ch.path, e) from e
+        if same and out_h == h and out_w == w:
+            return read_raster_band(src, ch.path, ch.index, window=Window(int(round(gc)), int(round(gr)), w, h))
+        gc, gr = max(gc, 0.0), max(gr, 0.0)
+        gw, gh = min(gw, g.width - gc), min(gh, g.height - gr)
+        return read_raster_band(src, ch.path, ch.index, window=Window(gc, gr, gw, gh), out_shape=(out_h, out_w),
+                                resampling=_resampling("bilinear" if not same else "average"))
 
     def read(self, row: int, col: int, h: int, w: int, out_h: Optional[int] = None,
              out_w: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

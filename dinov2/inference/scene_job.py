@@ -119,6 +119,10 @@ class SceneJob:
                         changes(state.get("signature"), self.signature))
         if os.path.isdir(self.work):
             shutil.rmtree(self.work)
+        # outputs of other settings must not look finished while this run recomputes them
+        for stale in (self.done_marker, *self.outputs()):
+            if os.path.exists(stale):
+                os.remove(stale)
         os.makedirs(self.work)
         return 0, None
 

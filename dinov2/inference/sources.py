@@ -303,7 +303,10 @@ def collect_scenes(inputs: Sequence[str], sensor: Optional[str] = None, bands: O
     scenes: List[SceneSource] = []
     rasters = RASTER_SUFFIXES + (VRT_SUFFIXES if policy.allow_vrt else ())
 
+    plain: List[str] = []
+
     def add_raster(p: str) -> None:
+        plain.append(p)
         scenes.append(scene_from_raster(p, sensor, bands, wavelengths_nm, nodata=nodata, policy=policy))
 
     with policy.env():  # files opened by shared readers (band counts of scenes YAML entries) follow it too
@@ -330,6 +333,12 @@ def collect_scenes(inputs: Sequence[str], sensor: Optional[str] = None, bands: O
             else:
                 raise ValueError(f"input {p}: expected a GeoTIFF (.tif/.tiff), a folder, a scenes YAML or a STAC "
                                  "item .json")
+    given = [f for f, v in (("--sensor", sensor), ("--bands", bands), ("--wavelengths", wavelengths_nm)) if v]
+    if given and not plain:
+        raise ValueError(f"{', '.join(given)} describe plain GeoTIFF inputs, and none was given (scenes YAMLs and "
+                         "STAC items describe their own bands)")
+    for s in scenes:  # the run's --nodata applies to every scene
+        s.nodata = s.nodata if nodata is None else nodata
     seen: Dict[str, int] = {}
     for s in scenes:
         if s.name in seen:

@@ -90,6 +90,13 @@ def _floats(text: Optional[str], what: str):
         raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def setup_logging() -> None:
+    """INFO logs of this project; GDAL's own messages only from WARNING up (its errors reach the user as the
+    command's one-line error, its INFO chatter is noise)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("rasterio").setLevel(logging.WARNING)
+
+
 def load_backbone(source: str, random_init: bool = False, seed: int = 0):
     """`load_model(source)`; with `random_init`, hub architectures get weights drawn from `seed` (the global RNG
     is left as it was), so two runs with one seed embed with equal weights."""
@@ -106,7 +113,7 @@ def load_backbone(source: str, random_init: bool = False, seed: int = 0):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging()
     import torch
 
     from dinov2 import distributed

@@ -12,7 +12,6 @@ Errors are one line (exit status 2); `panopticon --debug predict ...` shows the 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -62,7 +61,9 @@ def default_backbone(head_file: Path) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from dinov2.run.embed import setup_logging
+
+    setup_logging()
     import torch
 
     from dinov2.hub import load_model
