@@ -41,7 +41,7 @@ class PredictSettings:
     """Tiling and runtime options of `predict_scenes` (defaults are the CLI's; None = from the head file)."""
 
     chip_size: Optional[int] = None  # pixels of the scene grid per chip side (default: the head's, else 224)
-    overlap: int = 28  # pixels
+    overlap: Optional[int] = None  # pixels (default: an eighth of the chip, 28 px for 224 px chips)
     model_input: Optional[int] = None  # chips are resized to this many pixels (default: the head's input size)
     batch_size: int = 8
     norm_stats: Optional[str] = None  # default: the head's training statistics, else 'scene'
@@ -52,9 +52,10 @@ class PredictSettings:
     force: bool = False  # predict with a backbone other than the one the head was trained on (warned)
 
 
-def resolve_sizes(s: PredictSettings, head: SegmentationHead, patch_size: int) -> Tuple[int, int]:
-    """(chip size, model input size) in pixels: the settings, else the head's training chip; the model input
-    keeps the training's scale (input pixels per chip pixel), rounded to a whole number of patches."""
+def resolve_sizes(s: PredictSettings, head: SegmentationHead, patch_size: int) -> Tuple[int, int, int]:
+    """(chip size, overlap, model input size) in pixels: the settings, else the head's training chip (an eighth
+    of it overlapping); the model input keeps the training's scale (input pixels per chip pixel), rounded to a
+    whole number of patches."""
     train_chip, train_in = head.meta.get("chip_size"), head.meta.get("img_size")
     chip = s.chip_size or train_chip or train_in or 224
     model_px = s.model_input
@@ -66,7 +67,8 @@ def resolve_sizes(s: PredictSettings, head: SegmentationHead, patch_size: int) -
             raise ValueError(f"{flag} must be a positive integer, got {v!r}")
     if model_px % patch_size:
         raise ValueError(f"--model-input {model_px} px is not a multiple of the patch size {patch_size}")
-    return int(chip), int(model_px)
+    overlap = s.overlap if s.overlap is not None else int(round(chip / 8))
+    return int(chip), int(overlap), int(model_px)
 
 
 class ScenePredictor(SceneJob):
@@ -79,20 +81,20 @@ class ScenePredictor(SceneJob):
                  policy: Optional[RasterPolicy] = None):
         self.backbone, self.head, self.s, self.device = backbone, head, s, device
         ps = int(backbone.patch_size)
-        self.chip_px, self.model_px = resolve_sizes(s, head, ps)
+        self.chip_px, self.overlap, self.model_px = resolve_sizes(s, head, ps)
         reader = SceneReader(scene, policy)
         try:
             g = reader.grid
-            check_tiling(self.chip_px, s.overlap, g.height, g.width, 1, scene.name)
+            check_tiling(self.chip_px, self.overlap, g.height, g.width, 1, scene.name)
             super().__init__(scene, reader, out_dir, s.norm_stats or "scene", s.batch_size, s.progress)
         except Exception:
             reader.close()
             raise
         self.cell, self.channels = 1, head.num_classes
-        self.grid = ChipGrid(g.height, g.width, self.chip_px, s.overlap)
+        self.grid = ChipGrid(g.height, g.width, self.chip_px, self.overlap)
         self.weights = self.grid.weights()
         self.signature = {**self.base_signature(), "weights": digests["backbone"], "head": digests["head"],
-                          "chip": self.chip_px, "overlap": s.overlap, "model_input": self.model_px,
+                          "chip": self.chip_px, "overlap": self.overlap, "model_input": self.model_px,
                           "precision": s.precision, "probs": s.write_probs}
         self.paths = {"classes": os.path.join(out_dir, f"{scene.name}_classes.tif")}
         if s.write_probs:

@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the run the task folder belongs to)")
     p.add_argument("--chip-size", type=int, help="chip side in scene pixels (default: the head's training chip, "
                    "else 224)")
-    p.add_argument("--overlap", type=int, default=28, help="overlap of neighbouring chips in pixels, blended with "
-                   "linear cross-fades (default: %(default)s)")
+    p.add_argument("--overlap", type=int, help="overlap of neighbouring chips in pixels, blended with linear "
+                   "cross-fades (default: an eighth of the chip, e.g. 28 px for 224 px chips)")
     p.add_argument("--model-input", type=int, help="resize chips to this many pixels before the model (default: "
                    "the head's img_size, else no resizing)")
     p.add_argument("--batch-size", type=int, default=8, help="chips per forward pass (default: %(default)s)")
