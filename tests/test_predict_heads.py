@@ -94,6 +94,15 @@ def test_bad_heads_are_refused_naming_the_file(trained, tmp_path, capsys, case):
     assert want in err and str(head) in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("args,needle", [(["--chip-size", "0"], "--chip-size must be a positive integer"),
+                                         (["--model-input", "20"], "not a multiple of the patch size"),
+                                         (["--chip-size", "32", "--overlap", "32"], "--overlap (32 px)"),
+                                         (["--batch-size", "0"], "--batch-size must be an integer")])
+def test_bad_sizes_are_refused(trained, tmp_path, capsys, args, needle):
+    assert _predict(trained["task"], trained["scene"]["file"], tmp_path / "out", *args) == 2
+    assert needle in capsys.readouterr().err
+
+
 def test_another_backbone_is_refused_unless_forced(trained, tmp_path, capsys, caplog):
     other = make_run(tmp_path / "other", seed=7)
     assert _predict(trained["task"], trained["scene"]["file"], tmp_path / "o1", "--model", str(other)) == 2

@@ -16,27 +16,6 @@ from test_embed import S2_BANDS, _one_thread, smooth_scene, write_run, write_tif
 from test_embed_resume_dist import ROOT, _env, _same_outputs  # noqa: E402
 
 
-_SERVER = """
-import http.server, sys
-class Recorder(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        with open(sys.argv[2], "a") as log:
-            log.write(self.command + " " + self.path + "\\n")
-        body = open(sys.argv[1], "rb").read()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command == "GET":
-            self.wfile.write(body)
-    do_HEAD = do_GET
-    def log_message(self, *args):
-        pass
-srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-print(srv.server_address[1], flush=True)
-srv.serve_forever()
-"""
-
-
 @pytest.fixture()
 def server(tmp_path):
     """A local HTTP server serving a GeoTIFF at every path, in its own process (GDAL calls hold the GIL), and
@@ -44,7 +23,10 @@ def server(tmp_path):
     tif = write_tif(tmp_path / "served.tif", smooth_scene(56, 56))
     log = tmp_path / "requests.log"
     log.write_text("")
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, tif, str(log)], stdout=subprocess.PIPE, text=True)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from trust_world import SERVER  # the request-recording server of the adversarial harness
+
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, tif, str(log)], stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())
         yield f"http://127.0.0.1:{port}", lambda: log.read_text().splitlines()

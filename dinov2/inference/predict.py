@@ -57,7 +57,7 @@ def resolve_sizes(s: PredictSettings, head: SegmentationHead, patch_size: int) -
     of it overlapping); the model input keeps the training's scale (input pixels per chip pixel), rounded to a
     whole number of patches."""
     train_chip, train_in = head.meta.get("chip_size"), head.meta.get("img_size")
-    chip = s.chip_size or train_chip or train_in or 224
+    chip = s.chip_size if s.chip_size is not None else (train_chip or train_in or 224)
     model_px = s.model_input
     if model_px is None:
         scale = train_in / train_chip if train_chip and train_in else 1.0

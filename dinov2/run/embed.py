@@ -104,11 +104,14 @@ def load_backbone(source: str, random_init: bool = False, seed: int = 0):
 
     from dinov2.hub import load_model
 
-    if not random_init:
-        return load_model(source)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return load_model(source, pretrained=False)
+    try:
+        if not random_init:
+            return load_model(source)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return load_model(source, pretrained=False)
+    except RuntimeError as e:  # unreadable or mismatched checkpoints: the message names the file
+        raise ValueError(f"--model {source}: {str(e).splitlines()[0]}") from e
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -66,12 +66,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     import torch
 
-    from dinov2.hub import load_model
     from dinov2.inference.grid import check_batch_size
     from dinov2.inference.head import load_head_state
     from dinov2.inference.predict import PredictSettings, SegmentationHead, predict_scenes
     from dinov2.inference.scene_job import output_lock
-    from dinov2.run.embed import raster_policy, scenes_from_args
+    from dinov2.run.embed import load_backbone, raster_policy, scenes_from_args
 
     check_batch_size(args.batch_size)
     head_file = Path(args.head)
@@ -82,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                write_probs=not args.no_probs, progress=not args.no_progress, force=args.force)
     # the folder's lock first: a second run is refused before it loads or writes anything
     with output_lock(args.output_dir, "panopticon predict"):
-        model = load_model(args.model or default_backbone(head_file))
+        model = load_backbone(args.model or default_backbone(head_file))
         head = SegmentationHead(str(head_file), model.embed_dim, getattr(model, "feature_dims", None))
         if head.backbone_state is not None:  # fine-tuned: the task folder holds the tuned backbone
             try:
