@@ -98,6 +98,7 @@ def register(case, embed_args) -> None:
 
     changes = {"class names of the wrong length": {"class_names": ["a", "b"]}, "300 classes": {"num_classes": 300},
                "another feature width": {"embed_dim": 64}, "another backbone": {"backbone_digest": "0" * 32},
+               "a class count its weights do not have": {"num_classes": 4, "class_names": None},
                "other bands": {"chn_ids": [492, 559, 664, 740], "bands": ["B02", "B03", "B04", "B06"]}}
     for name, change in changes.items():
         @case("predict", f"head: {name}")

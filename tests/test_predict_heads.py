@@ -133,10 +133,9 @@ def test_defaults_from_the_head_and_old_heads_still_work(trained, tmp_path, capl
 
 
 def _measure(trained, tmp_path, size, tag):
-    """(tracemalloc peak bytes, peak work-folder bytes, raw output bytes) of predicting a size x size scene."""
+    """(tracemalloc peak bytes, peak bytes of work files, raw output bytes) of predicting a size x size scene."""
     from dinov2 import load_model
-    from dinov2.inference.head import SegmentationHead
-    from dinov2.inference.predict import PredictSettings, predict_scenes
+    from dinov2.inference.predict import PredictSettings, SegmentationHead, predict_scenes
     from dinov2.inference.sources import collect_scenes
 
     tif = write_tif(tmp_path / f"{tag}.tif", smooth_scene(size, size, seed=3))
@@ -150,8 +149,11 @@ def _measure(trained, tmp_path, size, tag):
 
     def watch():
         while not stop.is_set():
-            total = sum(f.stat().st_size for f in (out / ".predict").rglob("*") if f.is_file()) \
-                if (out / ".predict").exists() else 0
+            try:  # the work files; GDAL's COG copy at the end (final_cog*) is the output being written
+                total = sum(f.stat().st_size for f in (out / ".predict").rglob("*")
+                            if f.is_file() and not f.name.startswith("final_cog"))
+            except OSError:  # a file renamed or removed while listing
+                continue
             peak_disk[0] = max(peak_disk[0], total)
             time.sleep(0.002)
 
@@ -167,8 +169,7 @@ def _measure(trained, tmp_path, size, tag):
         tracemalloc.stop()
         stop.set()
         t.join()
-    finals = sum(os.path.getsize(out / f"{tag}_{k}.tif") for k in ("classes", "probs"))
-    return peak, peak_disk[0], size * size * (1 + 4 * 3) + finals
+    return peak, peak_disk[0], size * size * (1 + 4 * 3)  # raw class ids + float32 probabilities of 3 classes
 
 
 def test_predict_memory_and_work_disk_are_flat(trained, tmp_path):
@@ -176,4 +177,4 @@ def test_predict_memory_and_work_disk_are_flat(trained, tmp_path):
     big_peak, big_disk, big_bound = _measure(trained, tmp_path, 384, "big")  # 36x the area
     assert big_peak < 1.5 * small_peak + (4 << 20), (small_peak, big_peak)
     for disk, bound in ((small_disk, small_bound), (big_disk, big_bound)):
-        assert disk <= bound + (64 << 10), (disk, bound)  # the uncompressed outputs and their COG copy, no more
+        assert disk <= bound + (256 << 10), (disk, bound)  # the uncompressed outputs (+ carried rows), no more

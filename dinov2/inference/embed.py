@@ -22,6 +22,7 @@ import torch
 from dinov2.data.raster_open import RasterPolicy
 from dinov2.inference.chip_table import chip_rows
 from dinov2.inference.grid import ChipGrid, check_batch_size, check_tiling, size_in_pixels
+from dinov2.inference.provenance import FORMAT_VERSION  # noqa: F401 - kept importable from here
 from dinov2.inference.reader import SceneReader
 from dinov2.inference.scene_job import SceneJob, output_lock
 from dinov2.inference.sources import SceneSource, collect_scenes

@@ -151,6 +151,9 @@ class ScenePredictor(SceneJob):
     def outputs(self) -> List[str]:
         return [*self.paths.values(), self.meta_json]
 
+    def stale_outputs(self) -> List[str]:
+        return [*self.outputs(), os.path.join(self.out_dir, f"{self.scene.name}_probs.tif")]
+
     def finish(self) -> None:
         for what, final in self.paths.items():
             finalize_cog(self._work_file(what), final, self.s.compress)

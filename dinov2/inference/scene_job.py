@@ -93,6 +93,10 @@ class SceneJob:
         """Final files that must exist for the scene to count as finished."""
         raise NotImplementedError
 
+    def stale_outputs(self) -> List[str]:
+        """Files of earlier runs (any settings) removed when the scene is recomputed (default: `outputs`)."""
+        return self.outputs()
+
     def on_chip(self, strip: int, ci: int, result: Any) -> None:
         """Rank 0: a chip was blended (result None: nothing computed)."""
 
@@ -120,7 +124,7 @@ class SceneJob:
         if os.path.isdir(self.work):
             shutil.rmtree(self.work)
         # outputs of other settings must not look finished while this run recomputes them
-        for stale in (self.done_marker, *self.outputs()):
+        for stale in (self.done_marker, *self.stale_outputs()):
             if os.path.exists(stale):
                 os.remove(stale)
         os.makedirs(self.work)
