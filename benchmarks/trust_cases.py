@@ -13,7 +13,10 @@ export/convert hardening is merged; rerun with `--only export convert` then.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -314,7 +317,8 @@ def classify(expect: str, res, oracle: Optional[Callable[[], bool]], unnamed: bo
         return "traceback"
     if res["rc"] == 0:
         try:
-            good = oracle() if oracle is not None else expect == "ok"
+            with contextlib.redirect_stdout(io.StringIO()):
+                good = oracle() if oracle is not None else expect == "ok"
         except Exception:  # noqa: BLE001 - an output the oracle cannot even read is wrong
             good = False
         return "ok-correct" if good and expect == "ok" else "silent wrong output"
@@ -338,6 +342,7 @@ def main(argv=None) -> int:
         for cmd, name, expect, i23, _ in todo:
             print(f"{cmd:8s} {expect:7s} {'i23 ' if i23 else ''}{name}")
         return 0
+    logging.basicConfig(level=logging.WARNING)  # the oracles' own in-process runs stay quiet
     folder = args.keep or tempfile.mkdtemp(prefix="trust_cases_")
     world = World(folder)
     table, failures = defaultdict(Counter), []

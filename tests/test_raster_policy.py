@@ -176,3 +176,24 @@ def test_files_that_are_not_rasters_are_refused_without_blocking(tmp_path, kind)
     for args in cases:
         res = _cli("embed", *args, "--model", run, "--chip-size", "56", "-o", str(tmp_path / "o"), timeout=60)
         _one_line_error(res, want)
+
+
+def test_side_file_sentinels_are_never_opened(tmp_path):
+    """FIFOs where GDAL looks for side files: any reader would be seen (plain GDAL opens all of them)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from trust_world import Sentinels
+
+    run = write_run(tmp_path / "run")
+    tif = write_tif(tmp_path / "s.tif", smooth_scene(56, 56, seed=5))
+    sentinels = Sentinels()
+    try:
+        for ext in (".tif.aux.xml", ".aux.xml", ".tif.ovr", ".tif.msk", ".tfw", ".wld", ".imd"):
+            sentinels.add(str(tmp_path / "s") + ext)
+        res = _cli(*_embed_args(tif, run, tmp_path / "o"), timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert sentinels.opened == []
+        probe = subprocess.run([sys.executable, "-c", f"import rasterio; rasterio.open({tif!r}).overviews(1)"],
+                               env=_env(), capture_output=True, timeout=60)
+        assert probe.returncode == 0 and sentinels.opened  # the sentinels work: plain GDAL opens them
+    finally:
+        sentinels.close()
