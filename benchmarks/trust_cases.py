@@ -256,6 +256,17 @@ def _(w, d):
             f"{d}/o"], None
 
 
+@case("embed", "a checkpoint with a NaN weight")
+def _(w, d):
+    import torch
+
+    run = write_run(f"{d}/run")
+    ck = torch.load(f"{run}/model_final.pth", weights_only=True)
+    ck["model"][next(k for k in ck["model"] if k.endswith("norm.weight"))][0] = float("nan")
+    torch.save(ck, f"{run}/model_final.pth")
+    return [a if a != w.run else run for a in embed_args(w, w.tif, f"{d}/o")], None
+
+
 @case("embed", "a second run while another holds the folder")
 def _(w, d):
     from dinov2.utils.folder_lock import FolderLock

@@ -175,3 +175,20 @@ def test_outputs_explain_themselves_and_gdal_stays_quiet(world, tmp_path, caplog
         assert src.descriptions[767] == "emb_767" and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
         assert src.block_shapes[0] == (32, 32)
         np.testing.assert_array_equal(src.read(), wide)
+
+
+def test_a_model_with_non_finite_weights_is_refused(world, tmp_path, capsys):
+    import torch
+
+    run = write_run(tmp_path / "run")
+    ckpt = torch.load(f"{run}/model_final.pth", weights_only=True)
+    key = next(k for k in ckpt["model"] if k.endswith("blocks.1.mlp.fc1.weight"))
+    ckpt["model"][key][0, 0] = float("nan")
+    torch.save(ckpt, f"{run}/model_final.pth")
+    from dinov2.run.embed import main
+
+    assert run_command("embed", main, [world["tif"], "--sensor", "sentinel2", "--bands", ",".join(S2_BANDS),
+                                       "--model", run, "--chip-size", "56", "-o", str(tmp_path / "o")]) == 2
+    err = _err(capsys)
+    assert "has non-finite weights in 1 tensor(s)" in err and "blocks.1.mlp.fc1.weight" in err
+    assert not (tmp_path / "o" / "s_patches.tif").exists()

@@ -22,7 +22,7 @@ import torch
 from dinov2.data.raster_open import RasterPolicy
 from dinov2.inference.chip_table import chip_rows
 from dinov2.inference.grid import ChipGrid, check_batch_size, check_tiling, size_in_pixels
-from dinov2.inference.provenance import FORMAT_VERSION  # noqa: F401 - kept importable from here
+from dinov2.inference.provenance import FORMAT_VERSION, checked_digest  # noqa: F401 - FORMAT_VERSION kept here
 from dinov2.inference.reader import SceneReader
 from dinov2.inference.scene_job import SceneJob, output_lock
 from dinov2.inference.sources import SceneSource, collect_scenes
@@ -178,7 +178,6 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
     """Embed `scenes` into `output_dir` (reusing finished scenes whose signature matches); returns paths and
     counts (rank 0). Holds the folder's lock for the run (see `dinov2.utils.folder_lock`)."""
     from dinov2.models.panopticon import frozen_fused_cache
-    from dinov2.utils.digest import state_dict_digest
 
     settings = settings or EmbedSettings()
     check_settings(settings)
@@ -190,7 +189,7 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
     rank, world = dist_info()
     device = device or torch.device("cpu")
     model = model.to(device).eval()
-    digest = state_dict_digest(model)  # once per run: what decides reuse of stored scenes
+    digest = checked_digest(model, f"model {model.info.source}")  # once per run: decides reuse of stored scenes
     done, tables, skipped = [], [], []
     with output_lock(output_dir, "panopticon embed", rank, world):
         jobs = []

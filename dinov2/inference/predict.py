@@ -180,12 +180,14 @@ def predict_scenes(scenes: Sequence[SceneSource], backbone: nn.Module, head: Seg
                    policy: Optional[RasterPolicy] = None) -> List[Dict[str, str]]:
     """Predict every scene (a finished scene whose signature matches is reused); holds the folder's lock."""
     from dinov2.models.panopticon import frozen_fused_cache
-    from dinov2.utils.digest import file_digest, state_dict_digest
+    from dinov2.inference.provenance import checked_digest
+    from dinov2.utils.digest import file_digest
 
     check_batch_size(settings.batch_size)
     if settings.precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision must be 'fp32' or 'bf16', got {settings.precision!r}")
-    digests = {"backbone": state_dict_digest(backbone), "head": file_digest(head.path)}
+    checked_digest(head, f"head file {head.path}")
+    digests = {"backbone": checked_digest(backbone, "the backbone"), "head": file_digest(head.path)}
     head.check_backbone(digests["backbone"], settings.force)
     scenes = prepare_scenes(scenes, head, settings)
     backbone.to(device).eval()

@@ -48,3 +48,17 @@ def changes(old: Optional[Dict[str, Any]], new: Dict[str, Any]) -> str:
     keys = sorted(set(old) | set(new))
     diffs = [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
     return "; ".join(diffs)
+
+
+def checked_digest(model, what: str) -> str:
+    """Content digest of `model`'s weights (`dinov2.utils.digest.state_dict_digest`); weights that are not finite
+    are refused, naming the tensors (such a model can only produce NaN maps)."""
+    import torch
+
+    from dinov2.utils.digest import state_dict_digest
+
+    state = model.state_dict()
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{what} has non-finite weights in {len(bad)} tensor(s), e.g. {bad[:3]}")
+    return state_dict_digest(state)

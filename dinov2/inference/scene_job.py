@@ -141,6 +141,12 @@ class SceneJob:
     def _place(self, strip: int, ci: int, result: Any, n_absurd: int) -> None:
         self.report["absurd_pixels"] += n_absurd
         vals, wmask = self.values(result) if result is not None else (None, None)
+        if vals is not None:  # a non-finite model output never spreads into its neighbours through the blend
+            finite = np.isfinite(vals).all(-1)
+            if not finite.all():
+                bad = int((~finite & wmask).sum())
+                self.report["nonfinite_model_outputs"] = self.report.get("nonfinite_model_outputs", 0) + bad
+                vals, wmask = np.where(finite[..., None], vals, np.float32(0)), wmask & finite
         self.on_chip(strip, ci, result)
         if self._blender.place(strip, ci, vals, wmask):
             self.on_strip(strip)
@@ -183,6 +189,9 @@ class SceneJob:
             bar.close()
         if rank == 0:
             self.finish()
+            if self.report.get("nonfinite_model_outputs"):
+                logger.warning("%s: the model gave non-finite outputs for %d cells of %s: written as no-data",
+                               self.kind, self.report["nonfinite_model_outputs"], self.scene.name)
             if self.report["absurd_pixels"]:
                 logger.warning("%s: %s has %d absurd pixel values (beyond +-1e10, or more than 1e4 standard "
                                "deviations from the band mean): treated as no-data", self.kind, self.scene.name,
