@@ -360,7 +360,8 @@ def main(argv=None) -> int:
     try:
         for cmd, name, expect, i23, build in todo:
             d = world.case_dir()
-            argv, oracle = build(world, d)
+            with contextlib.redirect_stdout(io.StringIO()):  # set-up runs of the harness itself stay quiet
+                argv, oracle = build(world, d)
             before_req, before_sent = world.requests(), len(world.sentinels.opened)
             res = run_cli(argv, args.timeout)
             unnamed = world.requests() > before_req or len(world.sentinels.opened) > before_sent
