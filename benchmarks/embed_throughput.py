@@ -80,9 +80,10 @@ def worker(args) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # bare model on the same chips (the embedder's own reader and statistics, read beforehand)
     emb = SceneEmbedder(scene, model, tmp, settings, torch.device("cpu"))
-    stats = emb.reader.stats()
-    emb.mean, emb.std = np.asarray(stats[0], np.float32), np.asarray(stats[1], np.float32)
-    chips = [c[2] for c in emb._strip_chips(range(len(emb.grid.row_starts)), 0, 1)]
+    mean, std = (np.asarray(v, np.float32) for v in emb.reader.stats())
+    size, ps = emb.grid.chip * emb.ps, emb.ps
+    chips = [emb.reader.chip(r * ps, c * ps, size, mean, std)[0] for r in emb.grid.row_starts
+             for c in emb.grid.col_starts]
     ids = torch.tensor(scene.chn_ids).expand(args.batch_size, -1)
     with torch.no_grad():
         model.forward_features({"imgs": torch.from_numpy(np.stack(chips[:1])), "chn_ids": ids[:1]})  # warm-up

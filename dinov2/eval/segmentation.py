@@ -107,6 +107,8 @@ def run_segmentation_task(cfg, backbone, task_dir: Path, device: Optional[str]) 
         state["blocks"] = list(probe.blocks)  # 0-based indices of the blocks the head reads (else the last n)
     if finetune:
         state["backbone"] = vit.state_dict()
+    from dinov2.eval.head_metadata import head_metadata  # what `panopticon predict` needs (bands, stats, sizes)
+    state.update(head_metadata(cfg, train_ds, vit, ncls))
     torch.save(state, task_dir / "model_final.pth")
     res.write_task_csv(task_dir, rows)
     res.plot_task(task_dir / "plots.png", f"segmentation {task_dir.name} ({best})", bars={m: v for m, v, _ in rows},

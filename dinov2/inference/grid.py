@@ -19,17 +19,41 @@ import numpy as np
 def size_in_pixels(value: str, res: float, patch_size: int, what: str) -> int:
     """'224' / '224px' (pixels) or '2240m' (metres, CRS units) -> pixels, a multiple of `patch_size`."""
     s = str(value).strip().lower()
-    if s.endswith("px"):
-        px = float(s[:-2])
-    elif s.endswith("m"):
-        px = float(s[:-1]) / res
-    else:
-        px = float(s)
-    if px < 0 or abs(px - round(px)) > 1e-6 or round(px) % patch_size:
+    number = s[:-2] if s.endswith("px") else s[:-1] if s.endswith("m") else s
+    try:
+        px = float(number) / (res if s.endswith("m") and not s.endswith("px") else 1.0)
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not a number of pixels ('224') or metres ('2240m')") from None
+    if not math.isfinite(px) or px < 0:
+        raise ValueError(f"{what} {value!r} must be a finite, non-negative size")
+    if abs(px - round(px)) > 1e-6 or round(px) % patch_size:
         raise ValueError(f"{what} {value!r} is {px:g} px at {res:g} m pixels; it must be a whole multiple of the "
                          f"model's patch size {patch_size} px (e.g. {patch_size * 16} px = "
                          f"{patch_size * 16 * res:g} m)")
     return int(round(px))
+
+
+def check_tiling(chip_px: int, overlap_px: int, height: int, width: int, unit: int, scene: str) -> None:
+    """Refuse a chip that is empty, not larger than its overlap, or larger than the scene allows (its longer
+    side rounded up to `unit` pixels: a bigger chip would be mostly mirrored padding)."""
+    if chip_px < 1:
+        raise ValueError(f"--chip-size must be positive, got {chip_px} px")
+    if not 0 <= overlap_px < chip_px:
+        raise ValueError(f"--overlap ({overlap_px} px) must be at least 0 and smaller than the chip ({chip_px} px)")
+    limit = -(-max(height, width) // unit) * unit
+    if chip_px > limit:
+        raise ValueError(f"--chip-size {chip_px} px is larger than scene {scene} ({height} x {width} px) allows; "
+                         f"use at most {limit} px")
+
+
+def check_batch_size(value: int) -> int:
+    """A batch size must be a positive integer (and not absurdly large: chips of a batch are held at once)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH:
+        raise ValueError(f"--batch-size must be an integer from 1 to {MAX_BATCH}, got {value!r}")
+    return value
+
+
+MAX_BATCH = 4096
 
 
 @dataclass

@@ -17,14 +17,14 @@ import json
 import os
 from typing import Any, List, Tuple
 
-from dinov2.inference.sources import SceneSource
+from dinov2.inference.sources import SceneSource, number, numbers
 
 
 def _from_mapping(data: Any, scene: SceneSource, what: str) -> Tuple[List[float], List[float]]:
     if not isinstance(data, dict):
         raise ValueError(f"{what}: expected a mapping, got {type(data).__name__}")
     if "mean" in data and "std" in data:
-        mean, std = [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
+        mean, std = numbers(data["mean"], f"{what}: mean"), numbers(data["std"], f"{what}: std")
         if len(mean) != len(scene.channels) or len(std) != len(scene.channels):
             raise ValueError(f"{what}: {len(mean)} means / {len(std)} stds for the {len(scene.channels)} bands "
                              f"{scene.bands} of scene {scene.name}")
@@ -34,8 +34,8 @@ def _from_mapping(data: Any, scene: SceneSource, what: str) -> Tuple[List[float]
     if missing:
         raise ValueError(f"{what}: no statistics for bands {missing} of scene {scene.name} (has {sorted(data)})")
     try:
-        return ([float(lower[b.lower()]["mean"]) for b in scene.bands],
-                [float(lower[b.lower()]["std"]) for b in scene.bands])
+        return ([number(lower[b.lower()]["mean"], f"{what}: {b} mean") for b in scene.bands],
+                [number(lower[b.lower()]["std"], f"{what}: {b} std") for b in scene.bands])
     except (KeyError, TypeError) as e:
         raise ValueError(f"{what}: each band needs {{mean, std}} ({e})") from None
 
@@ -56,6 +56,30 @@ def _from_dataset(name: str, scene: SceneSource) -> Tuple[List[float], List[floa
     return [by_id[i][0] for i in ids], [by_id[i][1] for i in ids]
 
 
+def read_stats_file(mode: str) -> Any:
+    """Content of a ``--norm-stats`` file (JSON or YAML); errors name the file."""
+    from dinov2.data.raster_open import check_regular_file
+
+    path = os.path.expanduser(str(mode))
+    if not os.path.exists(path):
+        raise ValueError(f"--norm-stats {mode!r}: expected 'scene', 'dataset:<name>' or a stats file, and no such "
+                         "file exists")
+    check_regular_file(path, "--norm-stats file")
+    try:
+        with open(path) as f:
+            if path.lower().endswith(".json"):
+                return json.load(f)
+            import yaml
+
+            return yaml.safe_load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"--norm-stats file {path} is not valid JSON/YAML: {e}") from None
+    except Exception as e:  # yaml.YAMLError
+        if type(e).__module__.startswith("yaml"):
+            raise ValueError(f"--norm-stats file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise
+
+
 def resolve_stats(mode: str, scene: SceneSource, reader) -> Tuple[List[float], List[float]]:
     """(mean, std) per channel of `scene` for normalisation mode `mode` (see the module docstring)."""
     if scene.mean is not None and scene.std is not None:
@@ -65,19 +89,8 @@ def resolve_stats(mode: str, scene: SceneSource, reader) -> Tuple[List[float], L
     elif str(mode).startswith("dataset:"):
         mean, std = _from_dataset(str(mode)[len("dataset:"):], scene)
     else:
-        path = os.path.expanduser(str(mode))
-        if not os.path.isfile(path):
-            raise ValueError(f"--norm-stats {mode!r}: expected 'scene', 'dataset:<name>' or a stats file, and no "
-                             "such file exists")
-        with open(path) as f:
-            if path.lower().endswith(".json"):
-                data = json.load(f)
-            else:
-                import yaml
-
-                data = yaml.safe_load(f)
-        mean, std = _from_mapping(data, scene, path)
-    bad = [b for b, s in zip(scene.bands, std) if not s > 0]
+        mean, std = _from_mapping(read_stats_file(str(mode)), scene, os.path.expanduser(str(mode)))
+    bad = [b for b, s in zip(scene.bands, std) if not 0 < s < float("inf")]
     if bad:
         raise ValueError(f"scene {scene.name}: standard deviation must be positive for bands {bad}")
     return [float(v) for v in mean], [float(v) for v in std]

@@ -40,26 +40,44 @@ def read_json(path: str) -> Optional[Dict[str, Any]]:
         return json.load(f)
 
 
-def create_partial_raster(path: str, width: int, height: int, count: int, crs, transform) -> None:
-    """The map while it is computed: a raw pixel-interleaved float32 file with an ENVI header (``.hdr`` beside
-    `path`, written by GDAL with the CRS and transform), so that `PartialRaster` writes chip-sized windows of
-    hundreds of bands as plain positional writes and the final COG copy reads it through GDAL. Patch embeddings
-    arrive a chip at a time; GDAL's own writes of such windows into a GeoTIFF cost tens of milliseconds each
-    (measured: ~30 ms per 14 x 14 x 768 window into 16 px tiles), positional writes well under one."""
+def create_partial_raster(path: str, width: int, height: int, count: int, crs, transform, dtype: str = "float32",
+                          nodata: float = float("nan"), descriptions: Optional[Sequence[str]] = None,
+                          tags: Optional[Dict[str, str]] = None,
+                          colors: Optional[Sequence[Tuple[int, int, int]]] = None) -> None:
+    """The map while it is computed: a raw pixel-interleaved file with an ENVI header (``.hdr`` beside `path`,
+    written by GDAL with the CRS and transform), so that `PartialRaster` writes chip-sized windows of hundreds of
+    bands as plain positional writes and the final COG copy reads it through GDAL. Patch embeddings arrive a chip
+    at a time; GDAL's own writes of such windows into a GeoTIFF cost tens of milliseconds each (measured: ~30 ms
+    per 14 x 14 x 768 window into 16 px tiles), positional writes well under one.
+
+    `descriptions` (per band) and dataset `tags` go into a ``.aux.xml`` beside it and `colors` (a colour per class
+    value of a one-band map) into the header as an ENVI classification lookup: `finalize_cog` carries all of them
+    into the COG."""
     import rasterio
 
-    with rasterio.open(path, "w", driver="ENVI", width=width, height=height, count=count, dtype="float32",
-                       crs=crs, transform=transform, nodata=float("nan"), INTERLEAVE="BIP"):
-        pass
+    with rasterio.Env(GDAL_PAM_ENABLED="NO"):
+        with rasterio.open(path, "w", driver="ENVI", width=width, height=height, count=count, dtype=dtype,
+                           crs=crs, transform=transform, nodata=nodata, INTERLEAVE="BIP"):
+            pass
     # GDAL turns the header's generated "band names" into one metadata item per band, which the COG copy would
-    # carry into the output; the optional key is dropped from the header
+    # carry into the output; the optional key is dropped from the header (descriptions come from the .aux.xml)
     import re
+    from xml.sax.saxutils import escape, quoteattr
 
     header = next(h for h in (os.path.splitext(path)[0] + ".hdr", path + ".hdr") if os.path.isfile(h))
     with open(header) as f:
-        text = f.read()
+        text = re.sub(r"band names = \{[^}]*\}\n?", "", f.read())
+    if colors:
+        text = text.replace("ENVI Standard", "ENVI Classification")
+        text += f"classes = {len(colors)}\nclass lookup = {{{', '.join(str(int(v)) for c in colors for v in c)}}}\n"
     with open(header, "w") as f:
-        f.write(re.sub(r"band names = \{[^}]*\}\n?", "", text))
+        f.write(text)
+    if descriptions or tags:
+        items = "".join(f"<MDI key={quoteattr(str(k))}>{escape(str(v))}</MDI>" for k, v in (tags or {}).items())
+        bands = "".join(f'<PAMRasterBand band="{i + 1}"><Description>{escape(str(d))}</Description></PAMRasterBand>'
+                        for i, d in enumerate(descriptions or []))
+        with open(path + ".aux.xml", "w") as f:
+            f.write(f"<PAMDataset><Metadata>{items}</Metadata>{bands}</PAMDataset>\n")
 
 
 class PartialRaster:
@@ -69,21 +87,23 @@ class PartialRaster:
     def __init__(self, path: str):
         import rasterio
 
-        with rasterio.open(path) as src:
-            if src.driver != "ENVI" or src.dtypes[0] != "float32":
-                raise ValueError(f"{path} is a {src.driver} {src.dtypes[0]} raster, not a partial map")
+        with rasterio.Env(GDAL_PAM_ENABLED="NO"), rasterio.open(path) as src:
+            if src.driver != "ENVI":
+                raise ValueError(f"{path} is a {src.driver} raster, not a partial map")
             self.width, self.height, self.count = src.width, src.height, src.count
+            self.dtype = np.dtype(src.dtypes[0])
         self.path = path
         self._fd = os.open(path, os.O_RDWR)
 
     def write(self, row0: int, col0: int, data: np.ndarray) -> None:
-        """Write (rows, cols, count) float32 at patch row `row0`, column `col0`."""
+        """Write (rows, cols, count) values at row `row0`, column `col0` (cast to the raster's dtype)."""
         rows, cols, count = data.shape
         if count != self.count or row0 < 0 or col0 < 0 or row0 + rows > self.height or col0 + cols > self.width:
             raise ValueError(f"window {rows}x{cols}x{count} at ({row0}, {col0}) does not fit {self.path} "
                              f"({self.height}x{self.width}x{self.count})")
-        data = np.ascontiguousarray(data, dtype=np.float32)
-        line, pixel = self.width * self.count * 4, self.count * 4
+        data = np.ascontiguousarray(data, dtype=self.dtype)
+        pixel = self.count * self.dtype.itemsize
+        line = self.width * pixel
         for i in range(rows):
             os.pwrite(self._fd, data[i].tobytes(), (row0 + i) * line + col0 * pixel)
 
@@ -100,7 +120,7 @@ class PartialRaster:
 
 
 def write_rows(path: str, row0: int, data: np.ndarray) -> None:
-    """Write (D, rows, W) float32 at patch row `row0` of a partial raster (NaN = no data)."""
+    """Write (D, rows, W) values at row `row0` of a partial raster (NaN = no data in float maps)."""
     with PartialRaster(path) as dst:
         dst.write(row0, 0, data.transpose(1, 2, 0))
 
@@ -125,23 +145,37 @@ def cog_layout(count: int, itemsize: int = 4) -> Tuple[int, bool]:
 
 def finalize_cog(partial: str, final: str, compress: str = "zstd") -> None:
     """Copy the partial raster into a Cloud-Optimised GeoTIFF (tiled, compressed; overviews for rasters of few
-    bands, see `cog_layout`) at `final`.
+    bands, see `cog_layout`) at `final`, with the descriptions, tags and colours `create_partial_raster` recorded.
 
     Float embeddings compress ~4x less than imagery whatever the codec; level-1 ZSTD with the floating-point
-    predictor is ~2x faster than DEFLATE at the same size (measured on a 768-band map)."""
+    predictor is ~2x faster than DEFLATE at the same size (measured on a 768-band map). Maps without overviews
+    are written by the GTiff driver with the COG layout (``COPY_SRC_OVERVIEWS``: header and tile index first, the
+    same file the COG driver writes), because their small tiles are below the smallest that the COG driver's
+    ``BLOCKSIZE`` option declares (128) and GDAL would warn on every copy."""
     import rasterio
     from rasterio.shutil import copy as rio_copy
 
     codec = compress.upper()
-    opts = {"COMPRESS": codec}
-    if codec in ("ZSTD", "DEFLATE"):
-        opts.update(PREDICTOR="YES", LEVEL=1)
-    with rasterio.open(partial) as src:
-        side, overviews = cog_layout(src.count, np.dtype(src.dtypes[0]).itemsize)
-    tmp = os.path.join(os.path.dirname(partial), "final_cog.tif")
-    with bounded_gdal_cache():
-        rio_copy(partial, tmp, driver="COG", BLOCKSIZE=side, OVERVIEWS="AUTO" if overviews else "NONE",
-                 OVERVIEW_RESAMPLING="AVERAGE", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS", **opts)
+    # our own work file: its .aux.xml is read (PAM), whatever the input-reading policy around this call says
+    with rasterio.Env(GDAL_PAM_ENABLED="YES", GDAL_DISABLE_READDIR_ON_OPEN="FALSE"):
+        with rasterio.open(partial) as src:
+            dtype = np.dtype(src.dtypes[0])
+            side, overviews = cog_layout(src.count, dtype.itemsize)
+        tmp = os.path.join(os.path.dirname(partial), "final_cog.tif")
+        common = {"COMPRESS": codec, "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS"}
+        if overviews:
+            opts = dict(driver="COG", BLOCKSIZE=side, OVERVIEWS="AUTO", OVERVIEW_RESAMPLING=(
+                "NEAREST" if dtype.kind in "iu" else "AVERAGE"), **common)
+            if codec in ("ZSTD", "DEFLATE"):
+                opts.update(PREDICTOR="YES", LEVEL=1)
+        else:
+            opts = dict(driver="GTiff", TILED="YES", BLOCKXSIZE=side, BLOCKYSIZE=side, COPY_SRC_OVERVIEWS="YES",
+                        INTERLEAVE="PIXEL", **common)
+            if codec in ("ZSTD", "DEFLATE"):
+                level = "ZSTD_LEVEL" if codec == "ZSTD" else "ZLEVEL"
+                opts.update({"PREDICTOR": 3 if dtype.kind == "f" else 2, level: 1})
+        with bounded_gdal_cache():
+            rio_copy(partial, tmp, **opts)
     os.replace(tmp, final)
 
 

@@ -6,7 +6,9 @@
 
 Each command module exposes `main(argv) -> int` built on argparse. This module imports a command's module only
 when that command runs, and no command module imports an optional dependency before parsing its arguments, so
-`--help` works on a core (torch-only) install.
+`--help` works on a core (torch-only) install. Anticipated errors (bad input, files, flags, a locked output
+folder) end in one line naming the file, flag or value and exit status 2; ``--debug`` (before or after the
+command) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -53,24 +55,38 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Panopticon {dinov2.__version__}: any-sensor foundation model for Earth observation.\n\n"
                     f"commands:\n{listing}")
     p.add_argument("--version", action="version", version=f"panopticon {dinov2.__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also accepted after "
+                   "the command)")
     p.add_argument("command", nargs="?", choices=sorted(COMMANDS), metavar="command",
                    help="one of: " + ", ".join(COMMANDS))
     return p
 
 
-def run_command(name: str, fn: Callable[[Sequence[str]], Optional[int]], argv: Sequence[str],
-                prog: Optional[str] = None) -> int:
-    """Run one command's `main` with `prog` in its usage lines; input errors become a one-line message and exit
-    status 2 instead of a traceback."""
+def anticipated_errors() -> Tuple[type, ...]:
+    """Exception types that mean bad input or environment (files, flags, values, a folder in use), not a bug."""
     from dinov2.run.submit import SlurmUnavailableError
+    from dinov2.utils.folder_lock import FolderLockedError
     from dinov2.weights_cache import WeightsError
 
+    return ValueError, OSError, SlurmUnavailableError, FolderLockedError, WeightsError
+
+
+def run_command(name: str, fn: Callable[[Sequence[str]], Optional[int]], argv: Sequence[str],
+                prog: Optional[str] = None, debug: bool = False) -> int:
+    """Run one command's `main` with `prog` in its usage lines; anticipated errors become a one-line message and
+    exit status 2 instead of a traceback, unless `debug` (or ``--debug`` among `argv`) asks for the traceback."""
+    argv = list(argv)
+    debug = debug or "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     saved = sys.argv[0]
     sys.argv[0] = prog or f"panopticon {name}"  # argparse takes `prog` from argv[0]
     try:
-        rc = fn(list(argv))
-    except (ValueError, FileNotFoundError, SlurmUnavailableError, WeightsError) as exc:
-        print(f"{sys.argv[0]}: error: {exc}", file=sys.stderr)
+        rc = fn(argv)
+    except anticipated_errors() as exc:
+        if debug:
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message holds
+        print(f"{sys.argv[0]}: error: {text}", file=sys.stderr)
         return 2
     finally:
         sys.argv[0] = saved
@@ -80,6 +96,8 @@ def run_command(name: str, fn: Callable[[Sequence[str]], Optional[int]], argv: S
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `panopticon` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == "--debug"
+    argv = argv[1:] if debug else argv
     parser = build_parser()
     if not argv or argv[0].startswith("-"):
         parser.parse_args(argv[:1])  # --help / --version exit here; an unknown flag is an error
@@ -89,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[name][0])
-    return run_command(name, module.main, rest)
+    return run_command(name, module.main, rest, debug=debug)
 
 
 if __name__ == "__main__":

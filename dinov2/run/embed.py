@@ -1,8 +1,11 @@
 """`panopticon embed`: georeferenced embeddings of GeoTIFF/COG scenes with any Panopticon model.
 
 Writes, in --output-dir, `<scene>_patches.tif` (Cloud-Optimised GeoTIFF, one band per embedding dimension, one
-pixel per model patch, the input's CRS) and `chips.parquet` (GeoParquet, one row per chip: footprint, WGS84 bbox,
-CLS and mean-pooled patch embeddings, source, sensor, bands, time). Re-running skips finished work.
+pixel per model patch, the input's CRS, bands named emb_000...) and `chips.parquet` (GeoParquet, one row per chip:
+footprint, WGS84 bbox, CLS and mean-pooled patch embeddings, source, sensor, bands, time). One run at a time
+writes a folder; re-running reuses finished scenes whose weights, settings, statistics and inputs are unchanged
+and recomputes the others. Only the files named (and, with --allow-vrt, the files their VRTs reference) are read.
+Errors are one line (exit status 2); `panopticon --debug embed ...` shows the traceback.
 """
 from __future__ import annotations
 
@@ -28,14 +31,26 @@ def add_scene_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wavelengths", help="comma-separated centre wavelengths in nm of plain GeoTIFF inputs "
                    "(sensors not in the registry)")
     p.add_argument("--nodata", type=float, help="no-data value overriding the files' own")
+    p.add_argument("--allow-vrt", action="store_true", help="read GDAL VRT inputs (XML files that make GDAL read "
+                   "other files; each referenced file must be a local GeoTIFF/JPEG 2000; refused by default)")
+
+
+def raster_policy(args: argparse.Namespace):
+    """What the input flags allow reading (`dinov2.data.raster_open.RasterPolicy`)."""
+    from dinov2.data.raster_open import RasterPolicy
+
+    return RasterPolicy(allow_vrt=bool(args.allow_vrt))
 
 
 def scenes_from_args(args: argparse.Namespace):
     """The scenes named by `add_scene_arguments` flags."""
     from dinov2.inference.sources import collect_scenes
 
+    if args.bands and args.wavelengths:
+        raise ValueError("give either --bands (with --sensor) or --wavelengths, not both")
     bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
-    return collect_scenes(args.inputs, args.sensor, bands, _floats(args.wavelengths, "--wavelengths"), args.nodata)
+    return collect_scenes(args.inputs, args.sensor, bands, _floats(args.wavelengths, "--wavelengths"), args.nodata,
+                          raster_policy(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="panopticon_vitb14", help="hub name (released weights), weights .pth, "
                    "training run folder or checkpoint (default: %(default)s)")
     p.add_argument("--random-init", action="store_true", help="hub models only: random weights instead of the "
-                   "release (for testing and timing without a download)")
+                   "release (for testing and timing without a download), drawn from --seed")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights: equal seeds give equal "
+                   "weights and outputs (default: %(default)s)")
     p.add_argument("--chip-size", default="224", help="chip side in pixels ('224') or metres ('2240m'); a "
                    "multiple of the patch size (default: %(default)s px)")
     p.add_argument("--overlap", default="28", help="overlap of neighbouring chips, pixels or metres; blended "
@@ -73,23 +90,52 @@ def _floats(text: Optional[str], what: str):
         raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def setup_logging() -> None:
+    """INFO logs of this project; GDAL's own messages only from WARNING up (its errors reach the user as the
+    command's one-line error, its INFO chatter is noise)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("rasterio").setLevel(logging.WARNING)
+
+
+def load_backbone(source: str, random_init: bool = False, seed: int = 0):
+    """`load_model(source)`; with `random_init`, hub architectures get weights drawn from `seed` (the global RNG
+    is left as it was), so two runs with one seed embed with equal weights."""
+    import torch
+
+    from dinov2.hub import load_model
+
+    try:
+        if not random_init:
+            return load_model(source)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return load_model(source, pretrained=False)
+    except RuntimeError as e:  # unreadable or mismatched checkpoints: the message names the file
+        raise ValueError(f"--model {source}: {str(e).splitlines()[0]}") from e
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging()
     import torch
 
     from dinov2 import distributed
-    from dinov2.hub import load_model
-    from dinov2.inference.embed import EmbedSettings, embed_scenes
+    from dinov2.inference.embed import EmbedSettings, check_settings, embed_scenes
+    from dinov2.inference.scene_job import output_lock
+    from dinov2.inference.stream import dist_info
+
+    settings = EmbedSettings(chip_size=args.chip_size, overlap=args.overlap, batch_size=args.batch_size,
+                             min_valid=args.min_valid, norm_stats=args.norm_stats, precision=args.precision,
+                             compress=args.compress, progress=not args.no_progress)
+    check_settings(settings)
     distributed.enable(overwrite=True)
     try:
-        scenes = scenes_from_args(args)
-        model = load_model(args.model, pretrained=not args.random_init)
-        device = torch.device(args.device) if args.device else distributed.get_device()
-        settings = EmbedSettings(chip_size=args.chip_size, overlap=args.overlap, batch_size=args.batch_size,
-                                 min_valid=args.min_valid, norm_stats=args.norm_stats, precision=args.precision,
-                                 compress=args.compress, progress=not args.no_progress)
-        result = embed_scenes(scenes, model, args.output_dir, settings, device)
+        # the folder's lock first: a second run is refused before it loads or writes anything
+        with output_lock(args.output_dir, "panopticon embed", *dist_info()):
+            scenes = scenes_from_args(args)
+            model = load_backbone(args.model, args.random_init, args.seed)
+            device = torch.device(args.device) if args.device else distributed.get_device()
+            result = embed_scenes(scenes, model, args.output_dir, settings, device, raster_policy(args))
         if distributed.is_main_process():
             print(f"embedded {len(scenes)} scene(s) ({len(result['skipped'])} already finished): "
                   f"{', '.join(result['patches'])}; {result['n_chips']} chips in {result['chips']}")
@@ -98,5 +144,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m dinov2.run.embed` (e.g. under torchrun): the CLI's one-line errors
+    import sys
+
+    from dinov2.run.cli import run_command
+
+    raise SystemExit(run_command("embed", main, sys.argv[1:], prog="python -m dinov2.run.embed"))

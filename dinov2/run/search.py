@@ -1,4 +1,7 @@
-"""`panopticon search`: the chips most similar to a query chip or a point, from an embed run's chips.parquet."""
+"""`panopticon search`: the chips most similar to a query chip or a point, from an embed run's chips.parquet.
+
+Chips without a valid embedding are left out; errors are one line (exit status 2, `--debug` for the traceback).
+"""
 from __future__ import annotations
 
 import argparse
@@ -38,5 +41,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m dinov2.run.search`: the CLI's one-line errors
+    import sys
+
+    from dinov2.run.cli import run_command
+
+    raise SystemExit(run_command("search", main, sys.argv[1:], prog="python -m dinov2.run.search"))
