@@ -26,8 +26,9 @@ from dinov2.inference.normstats import resolve_stats
 from dinov2.inference.reader import SceneReader
 from dinov2.inference.sources import SceneSource, collect_scenes
 from dinov2.inference.writers import (atomic_json, bounded_gdal_cache, combine_shards, create_partial_raster,
-                                      finalize_cog, read_json, write_geoparquet, write_table,
-                                      PartialRaster)
+                                      finalize_cog, read_json, write_table, PartialRaster)
+from dinov2.inference.chips_table import (EMBEDDING_DTYPES, PART_FORMAT, check_compatible, part_info, part_rows,
+                                          write_chip_part)
 
 logger = logging.getLogger("dinov2")
 FORMAT_VERSION = 2  # 2: raw ENVI work file, chip-by-chip blending
@@ -45,6 +46,7 @@ class EmbedSettings:
     precision: str = "fp32"  # 'fp32' | 'bf16' (autocast; meant for GPUs)
     compress: str = "zstd"
     progress: bool = True
+    embedding_dtype: str = "float32"  # chip table embeddings: 'float32' | 'float16' | 'int8' (per-vector scale)
 
 
 def _dist() -> Tuple[int, int]:
@@ -400,6 +402,9 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {settings.precision!r}")
     if settings.batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {settings.batch_size}")
+    if settings.embedding_dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"embedding dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got "
+                         f"{settings.embedding_dtype!r}")
     if not 0.0 < settings.min_valid <= 1.0:
         raise ValueError(f"min_valid must be in (0, 1], got {settings.min_valid}")
     if not hasattr(model, "info"):
@@ -411,6 +416,15 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     os.makedirs(os.path.join(output_dir, ".embed"), exist_ok=True)
+    chips_dir = _chips_dataset(output_dir, rank)
+    from dinov2.utils.digest import state_dict_digest
+
+    part_meta = {"format": PART_FORMAT, "model_digest": state_dict_digest(model), "model": str(model.info.source),
+                 "embedding_dtype": settings.embedding_dtype}
+    if rank == 0:  # one chip table holds one model's embeddings, in one dtype
+        others = [os.path.join(chips_dir, f) for f in os.listdir(chips_dir) if f.endswith(".parquet")
+                  and f[:-len(".parquet")] not in {s.name for s in scenes}]
+        check_compatible(others, part_meta)
     done, tables, skipped = [], [], []
     from dinov2.models.panopticon import frozen_fused_cache
 
@@ -427,16 +441,33 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
         emb.reader.close()
         tables.append(emb.table)
         done.append(emb.final_tif)
-    result: Dict[str, Any] = {"patches": done, "skipped": skipped, "chips": None, "n_chips": 0}
+    result: Dict[str, Any] = {"patches": done, "skipped": skipped, "chips": chips_dir, "n_chips": 0}
     if rank == 0:
-        chips = os.path.join(output_dir, "chips.parquet")
-        result["n_chips"] = write_geoparquet(tables, chips)
-        result["chips"] = chips
+        for scene, table in zip(scenes, tables):
+            part = os.path.join(chips_dir, f"{scene.name}.parquet")
+            if scene.name in skipped and os.path.isfile(part) and part_info(part) == part_meta:
+                result["n_chips"] += part_rows(part)
+            else:
+                result["n_chips"] += write_chip_part(table, part, settings.embedding_dtype, part_meta)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
     return result
+
+
+def _chips_dataset(output_dir: str, rank: int) -> str:
+    """``<out>/chips.parquet/``, the folder of chip-table parts; a single-file table left by an earlier version is
+    moved aside (``chips_v2.parquet``), never deleted."""
+    path = os.path.join(output_dir, "chips.parquet")
+    if rank == 0:
+        if os.path.isfile(path):
+            old = os.path.join(output_dir, "chips_v2.parquet")
+            os.replace(path, old)
+            logger.warning("embed: %s was a single-file chip table of an earlier version; moved to %s, chips are "
+                           "now written as one part per scene in %s/", path, old, path)
+        os.makedirs(path, exist_ok=True)
+    return path
 
 
 def embed(inputs, model="panopticon_vitb14", output_dir: str = "embeddings", sensor: Optional[str] = None,

@@ -1,8 +1,9 @@
 """`panopticon embed`: georeferenced embeddings of GeoTIFF/COG scenes with any Panopticon model.
 
 Writes, in --output-dir, `<scene>_patches.tif` (Cloud-Optimised GeoTIFF, one band per embedding dimension, one
-pixel per model patch, the input's CRS) and `chips.parquet` (GeoParquet, one row per chip: footprint, WGS84 bbox,
-CLS and mean-pooled patch embeddings, source, sensor, bands, time). Re-running skips finished work.
+pixel per model patch, the input's CRS) and `chips.parquet/` (a GeoParquet dataset, one part per scene, one row
+per chip: WGS84 footprint and bbox, footprint in the scene's CRS, CLS and mean-pooled patch embeddings, source,
+sensor, bands, time). Re-running skips finished work.
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda:<local rank> when available, else cpu)")
     p.add_argument("--compress", default="zstd", choices=("zstd", "deflate", "lzw", "none"),
                    help="COG compression (default: %(default)s; deflate for the oldest GDAL readers)")
+    p.add_argument("--embedding-dtype", choices=("float32", "float16", "int8"), default="float32",
+                   help="storage of the chip table's embeddings: float16 halves it, int8 (with a per-vector scale) "
+                   "quarters it (default: %(default)s; cosine agreement in docs/embed.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -88,7 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = torch.device(args.device) if args.device else distributed.get_device()
         settings = EmbedSettings(chip_size=args.chip_size, overlap=args.overlap, batch_size=args.batch_size,
                                  min_valid=args.min_valid, norm_stats=args.norm_stats, precision=args.precision,
-                                 compress=args.compress, progress=not args.no_progress)
+                                 compress=args.compress, progress=not args.no_progress,
+                                 embedding_dtype=args.embedding_dtype)
         result = embed_scenes(scenes, model, args.output_dir, settings, device)
         if distributed.is_main_process():
             print(f"embedded {len(scenes)} scene(s) ({len(result['skipped'])} already finished): "
