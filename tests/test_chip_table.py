@@ -9,25 +9,17 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 gpd = pytest.importorskip("geopandas")
 pa = pytest.importorskip("pyarrow")
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from test_embed import S2_BANDS, run_embed, smooth_scene, write_run, write_tif  # noqa: E402
+from test_embed import S2_BANDS, _one_thread, run_embed, smooth_scene, write_run, write_tif  # noqa: E402,F401
 
 from dinov2.inference import chips_table  # noqa: E402
 from dinov2.inference.chips_table import decode_embeddings, encode_embeddings, hilbert_order  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _validator() -> str:

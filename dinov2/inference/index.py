@@ -38,6 +38,23 @@ class IndexSettings:
     expansion_search: int = 96
 
 
+def load_usearch():
+    """usearch's ``Index`` class, imported only after PROJ has started.
+
+    usearch's compiled module links its own C++ runtime; loaded before PROJ, it leaves PROJ (pyproj's and the one
+    inside rasterio) unable to read its database for the rest of the process ("cannot build unit of measure
+    EPSG:9001: non double value"). Started first, PROJ keeps working and usearch is unaffected."""
+    try:
+        import pyproj
+
+        pyproj.CRS.from_epsg(4326).to_wkt()
+    except ImportError:  # without pyproj nothing in this process uses PROJ through it
+        pass
+    from usearch.index import Index
+
+    return Index
+
+
 def index_dir(chips: str) -> str:
     """``<out>/chips.index`` of an output folder, its ``chips.parquet`` or a part in it."""
     p = os.path.abspath(os.path.expanduser(str(chips)))
@@ -97,8 +114,8 @@ def build_index(chips: str, embeddings: Sequence[str] = ("mean",), settings: Opt
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
-    from usearch.index import Index
 
+    Index = load_usearch()
     settings = settings or IndexSettings()
     if settings.dtype not in INDEX_DTYPES:
         raise ValueError(f"index dtype must be one of {', '.join(INDEX_DTYPES)}, got {settings.dtype!r}")
@@ -185,8 +202,7 @@ class ChipIndex:
     """A built index opened for queries (memory-mapped; safe to keep open across queries)."""
 
     def __init__(self, chips: str, embedding: str = "mean", expansion_search: Optional[int] = None):
-        from usearch.index import Index
-
+        Index = load_usearch()
         self.folder = index_dir(chips)
         m = _read_manifest(self.folder)
         if m is None or embedding not in m["indexes"]:
