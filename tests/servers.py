@@ -1,77 +1,259 @@
-"""Real servers on 127.0.0.1 for tests: a static HTTP file server that honours byte ranges (as object stores and
-CDNs do), and an S3-compatible server (moto's ``ThreadedMotoServer``) with a bucket filled from a local folder."""
+"""Real servers on 127.0.0.1 for the tests: an HTTP file server with byte ranges (as object stores and CDNs serve
+COGs), optional latency and injected 5xx failures; a minimal STAC API (landing page, conformance, collections,
+item search with bbox/datetime/collections/ids and paging) over items whose assets it serves; and an
+S3-compatible server (moto's ``ThreadedMotoServer``) with a bucket filled from a local folder.
+
+Every request is recorded (method, path, Range header), so a test can assert what was — and was not — fetched.
+"""
 from __future__ import annotations
 
 import contextlib
-import http.server
+import email.utils
+import hashlib
+import json
 import os
-import re
 import threading
-from functools import partial
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from urllib.parse import parse_qs, urlparse
+
+STAC_CONFORMANCE = [
+    "https://api.stacspec.org/v1.0.0/core",
+    "https://api.stacspec.org/v1.0.0/item-search",
+    "https://api.stacspec.org/v1.0.0/collections",
+    "http://www.opengis.net/spec/ogcapi-features-1/conf/1.0/core",
+    "http://www.opengis.net/spec/ogcapi-features-1/conf/1.0/geojson",
+]
 
 
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """``SimpleHTTPRequestHandler`` plus ``Range: bytes=a-b`` (206 Partial Content) and a request log."""
+@dataclass
+class Request:
+    method: str
+    path: str
+    range: Optional[str]
 
-    log: List[Tuple[str, str]] = []
 
-    def log_message(self, *args):
+@dataclass
+class ServerState:
+    root: Optional[str] = None
+    latency: float = 0.0  # seconds added to every request
+    failures: Dict[str, int] = field(default_factory=dict)  # path -> how many more requests answer 503
+    requests: List[Request] = field(default_factory=list)
+    routes: Dict[str, Callable[["Handler", Dict[str, Any]], Tuple[int, Any]]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    state: ServerState
+
+    def log_message(self, *args) -> None:  # keep test output clean
         pass
 
-    def send_head(self):
-        RangeHandler.log.append((self.command, self.path))
-        rng = self.headers.get("Range")
-        path = self.translate_path(self.path)
-        m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng or "")
-        if not m or not os.path.isfile(path):
-            return super().send_head()
-        size = os.path.getsize(path)
-        start = int(m.group(1)) if m.group(1) else max(0, size - int(m.group(2)))
-        end = min(int(m.group(2)), size - 1) if m.group(1) and m.group(2) else size - 1
-        if start >= size:
-            self.send_error(416, "Range Not Satisfiable")
-            return None
-        fh = open(path, "rb")
-        fh.seek(start)
-        self.send_response(206)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.send_header("Content-Length", str(end - start + 1))
-        self.send_header("Accept-Ranges", "bytes")
+    def _record(self) -> bool:
+        """Record the request; apply latency and injected failures. False when the request was answered 503."""
+        path = urlparse(self.path).path
+        with self.state.lock:
+            self.state.requests.append(Request(self.command, path, self.headers.get("Range")))
+            left = self.state.failures.get(path, 0)
+            if left:
+                self.state.failures[path] = left - 1
+        if self.state.latency:
+            time.sleep(self.state.latency)
+        if left:
+            self._send(503, b"injected failure", "text/plain")
+            return False
+        return True
+
+    def _send(self, code: int, body: bytes, ctype: str, extra: Optional[Dict[str, str]] = None,
+              head: bool = False) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
         self.end_headers()
-        return _Limited(fh, end - start + 1)
+        if not head:
+            self.wfile.write(body)
+
+    def _json_route(self, body: Optional[bytes]) -> bool:
+        url = urlparse(self.path)
+        route = self.state.routes.get(url.path)
+        if route is None:
+            for prefix, fn in self.state.routes.items():
+                if prefix.endswith("/*") and url.path.startswith(prefix[:-1]):
+                    route = fn
+                    break
+        if route is None:
+            return False
+        params: Dict[str, Any] = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if body:
+            params.update(json.loads(body))
+        params["_path"] = url.path
+        code, obj = route(self, params)
+        ctype = "application/geo+json" if isinstance(obj, dict) and obj.get("type") == "FeatureCollection" \
+            else "application/json"
+        self._send(code, json.dumps(obj).encode(), ctype)
+        return True
+
+    def _file(self, head: bool) -> None:
+        rel = urlparse(self.path).path.lstrip("/")
+        path = os.path.realpath(os.path.join(self.state.root or "", rel))
+        if not self.state.root or not path.startswith(os.path.realpath(self.state.root) + os.sep) \
+                or not os.path.isfile(path):
+            self._send(404, b"not found", "text/plain", head=head)
+            return
+        st = os.stat(path)
+        tag = hashlib.md5(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()
+        meta = {"Accept-Ranges": "bytes", "ETag": f'"{tag}"',
+                "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True)}
+        with open(path, "rb") as f:
+            data = f.read()
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            start_s, _, end_s = rng[6:].split(",")[0].partition("-")
+            start = int(start_s) if start_s else max(0, len(data) - int(end_s))
+            end = min(int(end_s), len(data) - 1) if start_s and end_s else len(data) - 1
+            if start >= len(data):
+                self._send(416, b"", "text/plain", {"Content-Range": f"bytes */{len(data)}"}, head)
+                return
+            meta["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            self._send(206, data[start:end + 1], "application/octet-stream", meta, head)
+        else:
+            self._send(200, data, "application/octet-stream", meta, head)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        if self._record():
+            self._file(head=True)
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self._record() and not self._json_route(None):
+            self._file(head=False)
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self._record() and not self._json_route(body):
+            self._send(404, b"not found", "text/plain")
 
 
-class _Limited:
-    """A file object that reads at most ``n`` bytes (what ``copyfile`` sends for a range)."""
+class LocalServer:
+    """A threaded HTTP server on 127.0.0.1 (a free port) serving files under `root` and JSON routes."""
 
-    def __init__(self, fh, n: int):
-        self.fh, self.left = fh, n
+    def __init__(self, root: Optional[str] = None, latency: float = 0.0):
+        self.state = ServerState(root=root, latency=latency)
+        handler = type("BoundHandler", (Handler,), {"state": self.state})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def read(self, size: int = -1) -> bytes:
-        size = self.left if size is None or size < 0 else min(size, self.left)
-        data = self.fh.read(size)
-        self.left -= len(data)
-        return data
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def close(self) -> None:
-        self.fh.close()
+    @property
+    def requests(self) -> List[Request]:
+        return list(self.state.requests)
+
+    def fail(self, path: str, times: int) -> None:
+        """The next `times` requests for `path` answer 503."""
+        self.state.failures["/" + path.lstrip("/")] = times
+
+    def __enter__(self) -> "LocalServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
-@contextlib.contextmanager
-def http_server(folder: Path) -> Iterator[str]:
-    """Serve ``folder`` over HTTP on 127.0.0.1; yields the base URL."""
-    RangeHandler.log = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def _overlaps(a, b) -> bool:
+    return a[0] <= b[2] and a[2] >= b[0] and a[1] <= b[3] and a[3] >= b[1]
+
+
+def _in_time(item: Dict[str, Any], interval: str) -> bool:
+    t = item["properties"].get("datetime")
+    start, _, end = interval.partition("/") if "/" in interval else (interval, "", interval)
+    return (start in ("", "..") or t >= start) and (end in ("", "..") or t <= end)
+
+
+class StacApi(LocalServer):
+    """A minimal STAC API: `items` are item dicts (their asset hrefs may point at this server's files)."""
+
+    def __init__(self, root: Optional[str] = None, items: Optional[List[Dict[str, Any]]] = None,
+                 page_size: int = 2):
+        super().__init__(root)
+        self.items = list(items or [])
+        self.page_size = page_size
+        self.state.routes.update({"/": self._landing, "/conformance": self._conformance,
+                                  "/collections": self._collections, "/collections/*": self._collection,
+                                  "/search": self._search})
+
+    def _link(self, rel: str, path: str, method: str = "GET", body: Optional[Dict[str, Any]] = None,
+              mtype: str = "application/json") -> Dict[str, Any]:
+        link = {"rel": rel, "href": self.url + path, "type": mtype}
+        if method != "GET":
+            link.update(method=method, body=body or {})
+        return link
+
+    def _landing(self, handler, params):
+        return 200, {"type": "Catalog", "stac_version": "1.0.0", "id": "test-api", "description": "tests",
+                     "conformsTo": STAC_CONFORMANCE,
+                     "links": [self._link("self", "/"), self._link("root", "/"),
+                               self._link("conformance", "/conformance"), self._link("data", "/collections"),
+                               self._link("search", "/search", mtype="application/geo+json"),
+                               dict(self._link("search", "/search", "POST"), type="application/geo+json")]}
+
+    def _conformance(self, handler, params):
+        return 200, {"conformsTo": STAC_CONFORMANCE}
+
+    def _collection_doc(self, cid: str) -> Dict[str, Any]:
+        return {"type": "Collection", "stac_version": "1.0.0", "id": cid, "description": cid, "license": "proprietary",
+                "extent": {"spatial": {"bbox": [[-180, -90, 180, 90]]}, "temporal": {"interval": [[None, None]]}},
+                "links": [self._link("self", f"/collections/{cid}"), self._link("root", "/")]}
+
+    def _collections(self, handler, params):
+        ids = sorted({i["collection"] for i in self.items})
+        return 200, {"collections": [self._collection_doc(c) for c in ids], "links": [self._link("root", "/")]}
+
+    def _collection(self, handler, params):
+        cid = params["_path"].split("/")[2]
+        return 200, self._collection_doc(cid)
+
+    def _search(self, handler, params):
+        hits = list(self.items)
+        cols = params.get("collections")
+        if cols:
+            cols = cols.split(",") if isinstance(cols, str) else cols
+            hits = [i for i in hits if i["collection"] in cols]
+        ids = params.get("ids")
+        if ids:
+            ids = ids.split(",") if isinstance(ids, str) else ids
+            hits = [i for i in hits if i["id"] in ids]
+        bbox = params.get("bbox")
+        if bbox:
+            box = [float(v) for v in (bbox.split(",") if isinstance(bbox, str) else bbox)]
+            hits = [i for i in hits if _overlaps(i["bbox"], box)]
+        if params.get("datetime"):
+            hits = [i for i in hits if _in_time(i, params["datetime"])]
+        limit = min(int(params.get("limit") or self.page_size), self.page_size)
+        start = int(params.get("token") or 0)
+        page = hits[start:start + limit]
+        links = [self._link("root", "/")]
+        if start + limit < len(hits):
+            body = {k: v for k, v in params.items() if not k.startswith("_")}
+            body["token"] = str(start + limit)
+            if handler.command == "POST":
+                links.append(dict(self._link("next", "/search", "POST", body), type="application/geo+json"))
+            else:
+                query = "&".join(f"{k}={v if isinstance(v, str) else ','.join(map(str, v))}"
+                                 for k, v in body.items())
+                links.append(self._link("next", f"/search?{query}", mtype="application/geo+json"))
+        return 200, {"type": "FeatureCollection", "features": page, "links": links,
+                     "numberMatched": len(hits), "numberReturned": len(page)}
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import shapely
 import torch
 import yaml
 
@@ -115,11 +116,12 @@ def test_georeferencing_and_chip_values(tmp_path, run_dir, model):
         assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         emb = src.read()
         chips = gpd.read_parquet(out / "chips.parquet")
-        assert len(chips) == 6 and chips.crs.to_string() == CRS
+        assert len(chips) == 6 and chips.crs.equals("OGC:CRS84") and set(chips["crs"]) == {CRS}
         for _, row in chips.iterrows():
             r0, c0 = int(row.row_px), int(row.col_px)
             cls, tok = direct_tokens(model, data[:, r0:r0 + 56, c0:c0 + 56], mean, std, S2_IDS)
-            cx, cy = row.geometry.centroid.x, row.geometry.centroid.y
+            footprint = shapely.from_wkb(row.footprint_wkb)  # the footprint in the scene's CRS
+            cx, cy = footprint.centroid.x, footprint.centroid.y
             pr, pc = src.index(cx + 1.0, cy - 1.0)  # the embedding pixel just south-east of the chip centre
             np.testing.assert_allclose(emb[:, pr, pc], tok[2, 2], rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(emb[:, r0 // 14:r0 // 14 + 4, c0 // 14:c0 // 14 + 4].transpose(1, 2, 0), tok,
@@ -325,13 +327,16 @@ def test_scenes_in_different_crs_share_a_wgs84_table(tmp_path, run_dir):
     run_embed([a, b, "--sensor", "sentinel2", "--bands", ",".join(S2_BANDS), "--model", run_dir, "--chip-size", "56",
                "--overlap", "0", "-o", str(tmp_path / "out")])
     chips = gpd.read_parquet(tmp_path / "out" / "chips.parquet")
-    assert chips.crs.to_epsg() == 4326
+    assert chips.crs.equals("OGC:CRS84")
     assert sorted(chips["crs"]) == ["EPSG:32632", "EPSG:32633", "EPSG:32633"]
     for _, row in chips.iterrows():  # footprints reprojected to degrees, inside each chip's WGS84 bbox
         minx, miny, maxx, maxy = row.geometry.bounds
         bb = row.bbox_wgs84
         assert bb["xmin"] - 1e-9 <= minx and maxx <= bb["xmax"] + 1e-9 and 40 < miny < maxy < 50
-    assert b"geo" in pq.read_schema(tmp_path / "out" / "chips.parquet").metadata
+    parts = sorted(p.name for p in (tmp_path / "out" / "chips.parquet").iterdir())
+    assert parts == ["a.parquet", "b.parquet"]  # one GeoParquet part per scene, with equal schemas
+    schemas = [pq.read_schema(tmp_path / "out" / "chips.parquet" / p) for p in parts]
+    assert b"geo" in schemas[0].metadata and schemas[0].equals(schemas[1], check_metadata=False)
 
 
 def test_cog_layout_small_tiles_without_overviews_for_wide_maps(tmp_path):

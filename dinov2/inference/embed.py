@@ -1,11 +1,13 @@
 """Embed whole scenes: stream chips a batch at a time, run the backbone, blend overlapping patch embeddings chip
-by chip, write a patch-embedding COG per scene and one GeoParquet of chip embeddings — resumable and shardable
-over ranks, with memory that does not grow with the scene.
+by chip, write a patch-embedding COG per scene and a GeoParquet part of chip embeddings per scene (the chip table
+``<out>/chips.parquet/``, see `dinov2.inference.chips_table`) — resumable and shardable over ranks, with memory
+that does not grow with the scene.
 
 The streaming core is `dinov2.inference.stream` (one output pixel per model patch here), the resumable scene job
 `dinov2.inference.scene_job`. Per scene, work happens in ``<out>/.embed/<scene>/`` (the partial map as a raw ENVI
 work file, one parquet shard per strip of chips, the overlap rows carried to the next strip, ``state.json``); the
-finished ``<scene>_patches.tif`` is renamed into place and ``.embed/<scene>.done.json`` marks it complete. One
+finished ``<scene>_patches.tif`` and ``chips.parquet/<scene>.parquet`` are renamed into place and
+``.embed/<scene>.done.json`` marks the scene complete. One
 run at a time writes a folder (``<out>/.panopticon.lock``). Under torch.distributed every rank embeds every
 world-size-th chip and rank 0 blends and writes, so the output equals a single-process run.
 """
@@ -21,6 +23,7 @@ import torch
 
 from dinov2.data.raster_open import RasterPolicy
 from dinov2.inference.chip_table import chip_rows
+from dinov2.inference.chips_table import EMBEDDING_DTYPES, PART_FORMAT, check_compatible, part_rows, write_chip_part
 from dinov2.inference.grid import ChipGrid, check_batch_size, check_tiling, size_in_pixels
 from dinov2.inference.provenance import FORMAT_VERSION, checked_digest  # noqa: F401 - FORMAT_VERSION kept here
 from dinov2.inference.reader import SceneReader
@@ -28,7 +31,7 @@ from dinov2.inference.scene_job import SceneJob, output_lock
 from dinov2.inference.sources import SceneSource, collect_scenes
 from dinov2.inference.stream import broadcast, dist_info
 from dinov2.inference.writers import (PartialRaster, bounded_gdal_cache, combine_shards, create_partial_raster,
-                                      finalize_cog, write_geoparquet, write_table)
+                                      finalize_cog, write_table)
 
 logger = logging.getLogger("dinov2")
 
@@ -45,6 +48,7 @@ class EmbedSettings:
     precision: str = "fp32"  # 'fp32' | 'bf16' (autocast; meant for GPUs)
     compress: str = "zstd"
     progress: bool = True
+    embedding_dtype: str = "float32"  # chip table embeddings: 'float32' | 'float16' | 'int8' (per-vector scale)
 
 
 class SceneEmbedder(SceneJob):
@@ -81,10 +85,11 @@ class SceneEmbedder(SceneJob):
         self.weights, self.channels = self.grid.weights(), self.dim
         self.final_tif = os.path.join(out_dir, f"{scene.name}_patches.tif")
         self.table = os.path.join(out_dir, ".embed", f"{scene.name}.chips.parquet")
+        self.part = os.path.join(out_dir, "chips.parquet", f"{scene.name}.parquet")
         self.signature = {**self.base_signature(), "weights": weights_digest or state_dict_digest(model),
                           "patch_size": self.ps, "embed_dim": self.dim, "chip": self.grid.chip,
                           "overlap": self.grid.overlap, "model_input": chip_px, "min_valid": settings.min_valid,
-                          "precision": settings.precision}
+                          "precision": settings.precision, "embedding_dtype": settings.embedding_dtype}
         self._rows: List[Dict[str, Any]] = []
 
     # ------------------------------------------------------------------ chips and model
@@ -151,7 +156,12 @@ class SceneEmbedder(SceneJob):
         self._dst.close()
 
     def outputs(self) -> List[str]:
-        return [self.final_tif, self.table]
+        return [self.final_tif, self.table, self.part]
+
+    def part_meta(self) -> Dict[str, Any]:
+        """What the scene's chip-table part records of its making (parts of one table must agree on it)."""
+        return {"format": PART_FORMAT, "model_digest": self.signature["weights"],
+                "model": str(self.model.info.source), "embedding_dtype": self.s.embedding_dtype}
 
     def finish(self) -> None:
         shards = [os.path.join(self.work, f"chips_{k:06d}.parquet") for k in range(len(self.grid.row_starts))]
@@ -161,6 +171,7 @@ class SceneEmbedder(SceneJob):
                              f"--min-valid {self.s.min_valid}); nothing to embed")
         combine_shards(shards, self.table)
         finalize_cog(self.partial, self.final_tif, self.s.compress)
+        write_chip_part(self.table, self.part, self.s.embedding_dtype, self.part_meta())
 
 
 def check_settings(settings: EmbedSettings) -> None:
@@ -168,6 +179,9 @@ def check_settings(settings: EmbedSettings) -> None:
     if settings.precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision must be 'fp32' or 'bf16', got {settings.precision!r}")
     check_batch_size(settings.batch_size)
+    if settings.embedding_dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"--embedding-dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got "
+                         f"{settings.embedding_dtype!r}")
     if not 0.0 < settings.min_valid <= 1.0:  # NaN fails too
         raise ValueError(f"--min-valid must be in (0, 1], got {settings.min_valid}")
 
@@ -190,16 +204,18 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     digest = checked_digest(model, f"model {model.info.source}")  # once per run: decides reuse of stored scenes
-    done, tables, skipped = [], [], []
+    done, skipped = [], []
     with output_lock(output_dir, "panopticon embed", rank, world):
         jobs = []
         for scene in scenes:  # every scene's settings are checked before any work
             jobs.append(SceneEmbedder(scene, model, output_dir, settings, device, digest, policy))
             jobs[-1].reader.close()  # reopened when the scene runs
         os.makedirs(os.path.join(output_dir, ".embed"), exist_ok=True)
-        chips = os.path.join(output_dir, "chips.parquet")
-        if rank == 0 and os.path.exists(chips):  # rebuilt at the end: never left describing an older state
-            os.remove(chips)
+        chips = _chips_dataset(output_dir, rank)
+        if rank == 0 and jobs:  # one chip table holds one model's embeddings, in one dtype
+            names = {f"{j.scene.name}.parquet" for j in jobs}
+            check_compatible([os.path.join(chips, f) for f in sorted(os.listdir(chips))
+                              if f.endswith(".parquet") and f not in names], jobs[0].part_meta())
         for emb in jobs:
             try:
                 finished = broadcast(emb.is_done() if rank == 0 else None, world)
@@ -214,17 +230,29 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
                         logger.info("embed: %s done (%s)", emb.scene.name, emb.report)
             finally:
                 emb.reader.close()
-            tables.append(emb.table)
             done.append(emb.final_tif)
-        result: Dict[str, Any] = {"patches": done, "skipped": skipped, "chips": None, "n_chips": 0}
+        result: Dict[str, Any] = {"patches": done, "skipped": skipped, "chips": chips, "n_chips": 0}
         if rank == 0:
-            result["n_chips"] = write_geoparquet(tables, chips)
-            result["chips"] = chips
+            result["n_chips"] = sum(part_rows(j.part) for j in jobs)
         if world > 1:
             import torch.distributed as dist
 
             dist.barrier()
     return result
+
+
+def _chips_dataset(output_dir: str, rank: int) -> str:
+    """``<out>/chips.parquet/``, the folder of chip-table parts; a single-file table left by an earlier version is
+    moved aside (``chips_v2.parquet``), never deleted."""
+    path = os.path.join(output_dir, "chips.parquet")
+    if rank == 0:
+        if os.path.isfile(path):
+            old = os.path.join(output_dir, "chips_v2.parquet")
+            os.replace(path, old)
+            logger.warning("embed: %s was a single-file chip table of an earlier version; moved to %s, chips are "
+                           "now written as one part per scene in %s/", path, old, path)
+        os.makedirs(path, exist_ok=True)
+    return path
 
 
 def embed(inputs, model="panopticon_vitb14", output_dir: str = "embeddings", sensor: Optional[str] = None,

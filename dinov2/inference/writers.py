@@ -1,5 +1,6 @@
 """Writers for embeddings: the patch-embedding raster (partial GTiff -> Cloud-Optimised GeoTIFF) and the chip
-table (parquet shards -> one GeoParquet). Every final file is written under a temporary name and renamed, so an
+table shards of a scene (parquet strips -> one table per scene; `chips_table` turns it into the published part).
+Every final file is written under a temporary name and renamed, so an
 interrupted run never leaves a file that looks complete.
 """
 from __future__ import annotations
@@ -212,55 +213,3 @@ def combine_shards(shards: Sequence[str], out: str) -> None:
         writer.write_table(table.cast(writer.schema))
     writer.close()
     os.replace(tmp, out)
-
-
-def _geo_metadata(crs: str) -> bytes:
-    """GeoParquet 'geo' metadata of a polygon column in `crs`, as geopandas writes it (file-wide bbox dropped:
-    the file is written in pieces)."""
-    import io
-
-    import geopandas as gpd
-    import pyarrow.parquet as pq
-    import shapely
-
-    buf = io.BytesIO()
-    gpd.GeoDataFrame({"x": [0]}, geometry=[shapely.box(0, 0, 1, 1)], crs=crs).to_parquet(buf, index=False)
-    buf.seek(0)
-    geo = json.loads(pq.read_schema(buf).metadata[b"geo"])
-    for col in geo["columns"].values():
-        col.pop("bbox", None)
-    return json.dumps(geo).encode()
-
-
-def write_geoparquet(scene_tables: Sequence[str], out: str, rows_per_batch: int = 256) -> int:
-    """GeoParquet of all chips, streamed batch by batch from the per-scene tables (WKB footprints in column
-    `footprint_wkb`, scene CRS in `crs`): geometry in the scenes' CRS, or WGS84 when scenes differ in CRS.
-    Returns the number of rows."""
-    import geopandas as gpd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import shapely
-
-    crss = sorted({c for p in scene_tables for c in pq.read_table(p, columns=["crs"]).column("crs").to_pylist()})
-    if not crss:
-        raise ValueError(f"no chips were embedded; nothing to write to {out}")
-    target = crss[0] if len(crss) == 1 else "EPSG:4326"
-    meta = _geo_metadata(target)
-    tmp = f"{out}.tmp{os.getpid()}"
-    writer, n = None, 0
-    for path in scene_tables:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=rows_per_batch):
-            table = pa.Table.from_batches([batch])
-            crs = table.column("crs")[0].as_py()
-            geom = shapely.from_wkb(table.column("footprint_wkb").to_numpy(zero_copy_only=False))
-            if crs != target:
-                geom = gpd.GeoSeries(geom, crs=crs).to_crs(target).values
-            table = table.drop_columns(["footprint_wkb"]).append_column("geometry", pa.array(shapely.to_wkb(geom)))
-            if writer is None:
-                schema = table.schema.with_metadata({b"geo": meta})
-                writer = pq.ParquetWriter(tmp, schema)
-            writer.write_table(table.cast(writer.schema))
-            n += table.num_rows
-    writer.close()
-    os.replace(tmp, out)
-    return n

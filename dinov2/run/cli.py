@@ -28,7 +28,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "convert": ("dinov2.run.convert", "convert checkpoints to and from torchgeo's Panopticon (timm) layout"),
     "export": ("dinov2.run.export", "export a model to ONNX and/or a torch.export program (dynamic batch, bands)"),
     "embed": ("dinov2.run.embed", "georeferenced embeddings of GeoTIFF/COG/STAC scenes (COG + GeoParquet)"),
-    "search": ("dinov2.run.search", "find the chips most similar to a chip or a point in a chips.parquet"),
+    "search": ("dinov2.run.search", "find the chips most similar to a chip or a point in an embed output"),
+    "index": ("dinov2.run.index", "build an approximate-nearest-neighbour index over an embed output's chips"),
     "predict": ("dinov2.run.predict", "apply a trained segmentation head to scenes: class and probability COGs"),
     "configs": ("dinov2.run.configs", "list the shipped training and evaluation configs by name (--show prints one)"),
     "prepare_data": ("dinov2.run.prepare_data", "build metadata/split files and shards of downloaded datasets "

@@ -1,8 +1,9 @@
 """`panopticon embed`: georeferenced embeddings of GeoTIFF/COG scenes with any Panopticon model.
 
 Writes, in --output-dir, `<scene>_patches.tif` (Cloud-Optimised GeoTIFF, one band per embedding dimension, one
-pixel per model patch, the input's CRS, bands named emb_000...) and `chips.parquet` (GeoParquet, one row per chip:
-footprint, WGS84 bbox, CLS and mean-pooled patch embeddings, source, sensor, bands, time). One run at a time
+pixel per model patch, the input's CRS, bands named emb_000...) and `chips.parquet/<scene>.parquet` (the chip
+table: a GeoParquet dataset with one part per scene and one row per chip: WGS84 footprint and bbox, footprint in
+the scene's CRS, CLS and mean-pooled patch embeddings, source, sensor, bands, time). One run at a time
 writes a folder; re-running reuses finished scenes whose weights, settings, statistics and inputs are unchanged
 and recomputes the others. Only the files named (and, with --allow-vrt, the files their VRTs reference) are read.
 Errors are one line (exit status 2); `panopticon --debug embed ...` shows the traceback.
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="panopticon embed", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_scene_arguments(p)
-    p.add_argument("--output-dir", "-o", required=True, help="folder for <scene>_patches.tif and chips.parquet")
+    p.add_argument("--output-dir", "-o", required=True, help="folder for <scene>_patches.tif and chips.parquet/")
     p.add_argument("--model", default="panopticon_vitb14", help="hub name (released weights), weights .pth, "
                    "training run folder or checkpoint (default: %(default)s)")
     p.add_argument("--random-init", action="store_true", help="hub models only: random weights instead of the "
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda:<local rank> when available, else cpu)")
     p.add_argument("--compress", default="zstd", choices=("zstd", "deflate", "lzw", "none"),
                    help="COG compression (default: %(default)s; deflate for the oldest GDAL readers)")
+    p.add_argument("--embedding-dtype", choices=("float32", "float16", "int8"), default="float32",
+                   help="storage of the chip table's embeddings: float16 halves it, int8 (with a per-vector scale) "
+                   "quarters it (default: %(default)s; see docs/search.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -126,7 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     settings = EmbedSettings(chip_size=args.chip_size, overlap=args.overlap, batch_size=args.batch_size,
                              min_valid=args.min_valid, norm_stats=args.norm_stats, precision=args.precision,
-                             compress=args.compress, progress=not args.no_progress)
+                             compress=args.compress, progress=not args.no_progress,
+                             embedding_dtype=args.embedding_dtype)
     check_settings(settings)
     distributed.enable(overwrite=True)
     try:
