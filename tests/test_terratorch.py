@@ -36,10 +36,11 @@ def test_band_names_to_channel_ids():
     from dinov2.integrations.terratorch import band_chn_ids
 
     ids = band_chn_ids(["BLUE", "NIR_NARROW", "SWIR_1", "VV", "ASC_VV", "sentinel2/B8A", "landsat8/tirs1"])
-    assert ids == [492.5, 864.7, 1613.7, -1.0, -5.0, 864.7, 10847.0]
+    # the registry's centre wavelengths (the published Gaussian fits), SAR codes
+    assert [round(i, 1) for i in ids] == [493.0, 864.8, 1613.9, -1.0, -5.0, 864.8, 10847.5]
     from terratorch.datasets.utils import HLSBands
 
-    assert band_chn_ids([HLSBands.BLUE, HLSBands.RED]) == [492.5, 664.6]
+    assert [round(i, 1) for i in band_chn_ids([HLSBands.BLUE, HLSBands.RED])] == [493.0, 664.6]
     assert torch.get_float32_matmul_precision() == "highest"  # TerraTorch's import-time setting was undone
     with pytest.raises(ValueError, match="bare numbers"):
         band_chn_ids([3])

@@ -57,7 +57,7 @@ def _duration(seconds: float) -> str:
 
 class LineProgress:
     """tqdm's interface (`update`, `close`, iteration, context manager) writing whole lines to a stream:
-    `desc: n/total unit (p%), elapsed mm:ss, ETA mm:ss`."""
+    `desc: n/total unit (p%), elapsed mm:ss, ETA mm:ss`; work resumed at `initial` > 0 gets a first line there."""
 
     def __init__(self, iterable: Optional[Iterable] = None, total: Optional[float] = None, desc: str = "",
                  unit: str = "it", initial: float = 0, stream: Optional[TextIO] = None, disable: bool = False,
@@ -72,6 +72,8 @@ class LineProgress:
         self._last_n = initial
         self._next_step = self._step_of(initial) + 1
         self._closed = False
+        if initial and not disable:  # resumed work: say where it starts
+            self._write()
 
     def _step_of(self, n: float) -> int:
         return int(LINE_STEPS * n / self.total) if self.total else 0
