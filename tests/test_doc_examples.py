@@ -13,10 +13,12 @@ on GitHub):
 A block without a marker fails `test_every_example_is_marked`, except on the pages of `PAGES_NOT_MARKED`, whose
 blocks are reported as skipped. The blocks of a page run in document order in one workspace the test writes:
 `S2.tif` (a 4-band Sentinel-2-like GeoTIFF), `scenes.yaml` (that file as a scenes YAML) and `runs/mine` (a tiny
-training run folder). Python blocks are executed; bash blocks run line by line in this process through the
+training run folder). Python blocks are executed, and a line `<expression>  # tensor([...])` must give the tensor
+its comment shows; bash blocks run line by line in this process through the
 `panopticon` entry point (`panopticon ARGS`, `python -m dinov2 ARGS`, `python -m dinov2.run.<command> ARGS`;
 `> FILE` writes the output to FILE). The network is never used (PANOPTICON_OFFLINE=1).
 """
+import ast
 import contextlib
 import io
 import re
@@ -92,6 +94,15 @@ def _offline_python(code: str) -> str:
     return re.sub(rf"""(load_model\(["'](?:{names})["'])\)""", r"\1, pretrained=False)", code)
 
 
+def _run_python(code: str, where: str) -> None:
+    namespace = {"__name__": "__doc_example__"}
+    with torch.no_grad():
+        exec(compile(code, where, "exec"), namespace)
+    for expr, shown in re.findall(r"^(\S.*?)\s+# tensor\((\[.*?\])\)", code, re.M):  # stated values hold
+        got = eval(expr, namespace).tolist()
+        assert got == ast.literal_eval(shown), f"{where}: {expr} gives {got}, not {shown}"
+
+
 def _offline_argv(argv):
     if argv[:1] == ["embed"] and "--model" not in argv:
         return argv + ["--random-init"]
@@ -164,8 +175,6 @@ def test_examples_run(page, tmp_path, monkeypatch):
             continue
         where, offline = f"{page}:{line}", "offline" in marker
         if lang == "python":
-            code = _offline_python(code) if offline else code
-            with torch.no_grad():
-                exec(compile(code, where, "exec"), {"__name__": "__doc_example__"})
+            _run_python(_offline_python(code) if offline else code, where)
         else:
             _run_bash(code, where, offline)
