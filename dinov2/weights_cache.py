@@ -144,8 +144,13 @@ def cached_download(url: str, progress: bool = True, sha256: Optional[str] = Non
     os.makedirs(os.path.dirname(path), exist_ok=True)
     import torch
 
+    from dinov2.utils.progress import bars_allowed, progress_line
+
+    bar = bars_allowed(progress)  # torch.hub's bar redraws the line: on a terminal only, else two plain lines
+    if not bar:
+        progress_line(f"downloading {url} to {path}", progress)
     try:
-        torch.hub.download_url_to_file(url, path, progress=progress)  # writes a temp file, then renames
+        torch.hub.download_url_to_file(url, path, progress=bar)  # writes a temp file, then renames
     except (urllib.error.URLError, OSError) as exc:
         raise WeightsError(
             f"could not download {url} ({exc}). Without network, download the file elsewhere and pass it: "
@@ -155,4 +160,7 @@ def cached_download(url: str, progress: bool = True, sha256: Optional[str] = Non
         os.remove(path)
         raise WeightsError(f"downloaded {url} has SHA-256 {digest}, expected {expected}: removed it")
     write_record(path, digest, url)
+    if not bar:
+        progress_line(f"downloaded {name}: {os.path.getsize(path) / 2**20:.1f} MiB, SHA-256 {digest[:12]}...",
+                      progress)
     return path

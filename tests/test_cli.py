@@ -127,3 +127,26 @@ def test_eval_unknown_plain_flag_is_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["eval", "--model-obj", "x", "--not-a-flag", "1"])
     assert exc.value.code == 2 and "unrecognized argument '--not-a-flag'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_help_lists_each_flag_once(help_probe, name):
+    """Aliases (`--model_obj` for `--model-obj`, `--gpus` for `--ngpus`) work but are not listed beside the flag."""
+    import re
+
+    text = help_probe[name]["text"]
+    repeated = re.findall(r"^\s+(?:-\w[^,\n]*, )?(--[\w-]+)[^,\n]*, (--[\w-]+)", text, re.M)
+    assert repeated == [], f"`panopticon {name} --help` lists aliases: {repeated}"
+
+
+def test_underscore_aliases_still_parse():
+    from dinov2.eval.cli import build_parser
+    from dinov2.run.submit import get_args_parser
+    from dinov2.train.train import get_args_parser as train_args_parser
+
+    args = build_parser().parse_args(["--model_obj", "runs/a", "--config_obj", "demo", "--output_dir", "o",
+                                      "--use_wandb", "false"])
+    assert (args.model_obj, args.config_obj, args.output_dir, args.use_wandb) == ("runs/a", "demo", "o", False)
+    parser = get_args_parser("train", parents=[train_args_parser(add_help=False)])
+    args = parser.parse_args(["--config_file", "debug", "--output_dir", "o", "--gpus", "2"])
+    assert (args.config_file, args.output_dir, args.ngpus) == ("debug", "o", 2)

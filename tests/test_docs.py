@@ -1,5 +1,9 @@
-"""The documentation is self-contained: no reference to documents outside the repository, every docs/ link exists."""
+"""The documentation is self-contained (no reference to documents outside the repository, every docs/ link exists),
+the README fits on one page and links every command to its page, and docs/install.md lists the extras as
+pyproject.toml declares them. The examples themselves run in test_doc_examples.py."""
 import re
+
+import pytest
 
 from conftest import ROOT
 
@@ -46,3 +50,38 @@ def test_docs_index_lists_every_document_and_code_points_to_docs():
     assert [d for d in docs if f"]({d})" not in index] == []
     assert "docs/patch_embedding.md" in (ROOT / "dinov2" / "models" / "panopticon.py").read_text()
     assert "docs/" in (ROOT / "README.md").read_text()
+
+
+def test_readme_is_one_page_with_every_command_linked_to_its_docs_page():
+    from dinov2.run.cli import COMMANDS
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `panopticon (\w+)` \|.*\]\((docs/[\w.]+\.md)\) \|$",
+                                                         text, re.M)}
+    assert sorted(rows) == sorted(COMMANDS), "the README's command table must list every command once"
+    for name, page in rows.items():
+        assert f"panopticon {name}" in (ROOT / page).read_text(encoding="utf-8"), f"{page} does not show {name}"
+
+
+def _extras_table():
+    """{extra: set of package names} from the table in docs/install.md (`x` + a, b expands extra x)."""
+    text = (ROOT / "docs" / "install.md").read_text(encoding="utf-8")
+    section = text.split("## Extras", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|$", section, re.M)
+    return {name: {p.strip() for p in cell.replace("`", "").replace("+", ",").split(",") if p.strip()}
+            for name, cell in rows}
+
+
+def test_install_docs_list_each_extra_with_its_packages():
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    documented = _extras_table()
+    assert sorted(documented) == sorted(extras)
+    for name, reqs in extras.items():
+        want = set()
+        for req in reqs:
+            m = re.match(r"panopticon\[([\w,]+)\]", req)
+            want |= set(m.group(1).split(",")) if m else {re.split(r"[\[<>=~! ]", req)[0]}
+        assert documented[name] == want, f"extra {name}: docs/install.md lists {sorted(documented[name])}, " \
+                                         f"pyproject.toml {sorted(want)}"

@@ -1,4 +1,4 @@
-"""The user's own GeoTIFFs: a real-layout EnMAP L2A product gets product-order ids; the README's "Train on your own
+"""The user's own GeoTIFFs: a real-layout EnMAP L2A product gets product-order ids; docs/training.md's "Your own
 GeoTIFFs" train + evaluate commands run on a 4-band stack and on a 7-band 30 m Landsat-8 stack; band subsets of the
 retrieval tasks are chosen by wavelength, spectral order or band name, never by fixed positions."""
 import numpy as np
@@ -88,7 +88,7 @@ def test_band_subset_errors_name_the_problem():
         resolve_band_subset({"sensor": "sentinel2", "bands": ["B13"]}, ids)
 
 
-# ---------------------------------------------------------------- README: train + evaluate on your own GeoTIFFs
+# ------------------------------------------------------ docs/training.md: train + evaluate on your own GeoTIFFs
 STACKS = {
     # 4 bands at 10 m (Sentinel-2 B02, B03, B04, B08 in one file): 960 m patches are 96 px
     "s2_4band": {"sensor": "sentinel2", "bands": ["B02", "B03", "B04", "B08"], "res": 10.0, "size": (192, 480),

@@ -16,6 +16,8 @@ import logging
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from dinov2.utils.cli_help import OneSpellingHelpFormatter
+
 EPILOG = """example:
   python dinov2/eval/eval.py main --model-obj=runs/my_run --config-obj=dinov2/configs/eval/5min \\
       --device=cpu --optim.dl.batch_size=64
@@ -55,12 +57,16 @@ def parse_value(text: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="panopticon eval", description="Evaluate one or more models on evaluation tasks (kNN, linear probe, "
-        "retrieval); extra --dotted.key=value flags override task-config keys.", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+        prog="panopticon eval", description="Evaluate one or more models on evaluation tasks (kNN, linear probes, "
+        "retrieval, segmentation, regression); extra --dotted.key=value flags override task-config keys. Each "
+        "--flag-name is also accepted as --flag_name.", epilog=EPILOG,
+        formatter_class=OneSpellingHelpFormatter, allow_abbrev=False)
 
     def add(name: str, **kw: Any) -> None:
-        p.add_argument(f"--{name}", f"--{name.replace('-', '_')}", dest=name.replace("-", "_"), **kw)
+        if kw.get("nargs") == "?":
+            kw.setdefault("metavar", "true|false")
+        dest = name.replace("-", "_")
+        p.add_argument(*dict.fromkeys((f"--{name}", f"--{dest}")), dest=dest, **kw)  # help shows the first only
 
     add("model-obj", default=None,
         help="(required) ;-separated run folders, .pth files or globs of the models to evaluate")
@@ -81,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("barrier", type=_bool, nargs="?", const=True, default=False,
         help="every rank waits until all (model, task) pairs are finished before returning")
     add("barrier-timeout", type=float, default=None, help="seconds after which --barrier gives up (default: never)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars or lines (the same as PANOPTICON_NO_PROGRESS=1)")
     return p
 
 
@@ -139,6 +147,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         parser.prog = prog
     args, overrides = split_argv(sys.argv[1:] if argv is None else argv, parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if vars(args).pop("no_progress"):  # a display option, not an argument of the evaluation
+        from dinov2.utils.progress import disable_progress
+
+        disable_progress()  # an environment variable, so that data-loader workers and ranks see it too
     from dinov2.eval.eval import EvalTaskError
     from dinov2.eval.eval import main as eval_main
 

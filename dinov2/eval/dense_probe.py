@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from dinov2.eval.dense_heads import build_dense_head
 from dinov2.eval.dense_metrics import SegMetrics
 from dinov2.eval.features import resolve_autocast, resolve_device
+from dinov2.utils.progress import progress_bar
 
 logger = logging.getLogger("dinov2")
 INFERENCE_MODES = ("resize", "whole", "sliding")
@@ -209,8 +209,6 @@ class DenseProbe:
 
     def train(self, loader, epochs: float) -> List[float]:
         """Train all heads (and the backbone when fine-tuning); returns the per-iteration summed loss."""
-        from tqdm import tqdm
-
         total = max(1, int(math.ceil(len(loader) * epochs)))
         warmup = int(round(float(self.cfg.optim.get("warmup_epochs", 0) or 0) * len(loader)))
         self.vit.to(self.dev)
@@ -222,7 +220,7 @@ class DenseProbe:
         opt = self._optimizer()
         losses: List[float] = []
         it = 0
-        bar = tqdm(total=total, desc="segmentation train", disable=os.environ.get("PANOPTICON_NO_TQDM") == "1")
+        bar = progress_bar(total=total, desc="segmentation train")
         while it < total:
             for x, y in loader:
                 if it >= total:

@@ -1,7 +1,7 @@
 """Frozen-backbone feature extraction for evaluation.
 
 ``backbone_to_features`` turns the raw outputs of the last blocks into one feature vector per image (the published
-poolings); ``extract_features`` runs a frozen backbone over a dataset in batches (tqdm progress bar,
+poolings); ``extract_features`` runs a frozen backbone over a dataset in batches (progress bar,
 device from the environment, optional autocast) and returns CPU float32 features for several
 (n_last_blocks, pooling) combinations at once, so every linear head / kNN classifier shares one pass.
 """
@@ -13,6 +13,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dinov2.utils.progress import progress_bar
 
 POOLINGS = ("avgpool", "cls", "knn", "lin", "DOFA_globalpool", "DOFA_no_globalpool")
 BlockOut = Tuple[torch.Tensor, torch.Tensor]  # (raw patch tokens (B,N,D), raw cls token (B,D))
@@ -147,8 +149,6 @@ def extract_features(backbone, dataset, feat_specs: Sequence[Tuple[int, str]], b
     batched x_dict (e.g. channel selection) before the forward pass; it is called once per group of samples that
     share image shape and channel ids.
     """
-    from tqdm import tqdm
-
     if len(dataset) == 0:
         raise ValueError(f"Cannot extract features ({desc}): the dataset is empty")
     dev = resolve_device(device)
@@ -159,7 +159,7 @@ def extract_features(backbone, dataset, feat_specs: Sequence[Tuple[int, str]], b
                                          pin_memory=dev.type == "cuda")
     feats: Dict[Tuple[int, str], List[torch.Tensor]] = {tuple(s): [] for s in feat_specs}
     labels: List[torch.Tensor] = []
-    for groups, y in tqdm(loader, desc=desc, disable=not progress or os.environ.get("PANOPTICON_NO_TQDM") == "1"):
+    for groups, y in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
         for key, f in batch_features(backbone, groups, len(y), feat_specs, dev, amp, x_transform, desc).items():
             feats[key].append(f.cpu())
         labels.append(y)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -22,6 +21,7 @@ from dinov2.eval.linear import LinearHeads, _BatchStream, _check_labels, _loss_f
 from dinov2.eval.metrics import Metric
 from dinov2.eval.model_loading import EvalBackbone
 from dinov2.eval.dense_probe import backbone_param_groups, set_drop_path, warmup_cosine
+from dinov2.utils.progress import progress_bar
 
 FeatKey = Tuple[int, str]
 
@@ -46,8 +46,6 @@ def finetune_classifier(backbone: EvalBackbone, train_dataset, spec: FeatKey, lr
                         autocast_dtype: Optional[str] = "auto") -> Dict:
     """Train a copy of ``backbone`` and one linear head; returns ``{'backbone': TrainableBackbone (eval mode),
     'heads': LinearHeads, 'train_loss': [(iter, loss)], 'max_iter'}``."""
-    from tqdm import tqdm
-
     n = len(train_dataset)
     if n == 0:
         raise ValueError("Fine-tuning needs a non-empty train set")
@@ -65,7 +63,7 @@ def finetune_classifier(backbone: EvalBackbone, train_dataset, spec: FeatKey, lr
     heads, opt, loss_fn = None, None, _loss_fn(multilabel, criterion)
     losses = []
     batches = iter(loader)
-    for it in tqdm(range(total), desc="fine-tuning", disable=os.environ.get("PANOPTICON_NO_TQDM") == "1"):
+    for it in progress_bar(range(total), desc="fine-tuning"):
         groups, y = next(batches)
         _check_labels(y, num_classes, multilabel, "train batch")
         tuned.train(True)

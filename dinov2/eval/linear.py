@@ -28,13 +28,13 @@ published ones (see ``dinov2.eval.metrics``).
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from dinov2.eval.metrics import Metric, compute_metrics
+from dinov2.utils.progress import progress_bar
 
 FeatKey = Tuple[int, str]  # (n_last_blocks, pooling)
 FeatSet = Tuple[Mapping[FeatKey, torch.Tensor], torch.Tensor]  # (features per key, labels)
@@ -234,8 +234,6 @@ def train_linear_probes_online(backbone, train_dataset, val: FeatSet, tests: Map
     augmentations) and the frozen ``backbone`` (an ``EvalBackbone``) computes every head's features from one
     forward pass. ``val`` / ``tests`` are precomputed ``(features, labels)`` (deterministic eval transforms).
     Returns what ``train_linear_probes`` returns."""
-    from tqdm import tqdm
-
     from dinov2.eval.features import batch_features, collate_eval, resolve_autocast, resolve_device
 
     n_train = len(train_dataset)
@@ -259,8 +257,7 @@ def train_linear_probes_online(backbone, train_dataset, val: FeatSet, tests: Map
         batches = iter(loader)
     vf = _to(val[0], dev)
     run: Optional[_ProbeTraining] = None
-    bar = tqdm(range(1, max_iter + 1), desc="linear probe (on-the-fly features)",
-               disable=not progress or os.environ.get("PANOPTICON_NO_TQDM") == "1")
+    bar = progress_bar(range(1, max_iter + 1), desc="linear probe (on-the-fly features)", enabled=progress)
     for it in bar:
         groups, y = next(batches)
         _check_labels(y, num_classes, multilabel, "train batch")

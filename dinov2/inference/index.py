@@ -113,7 +113,7 @@ def build_index(chips: str, embeddings: Sequence[str] = ("mean",), settings: Opt
     summary: rows, parts added, whether it was rebuilt, the folder."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from tqdm import tqdm
+    from dinov2.utils.progress import progress_bar
 
     Index = load_usearch()
     settings = settings or IndexSettings()
@@ -153,7 +153,7 @@ def build_index(chips: str, embeddings: Sequence[str] = ("mean",), settings: Opt
     manifest_parts = {} if old is None else dict(old["parts"])
     skipped = 0
     total = sum(open_part(p, [c for e in names for c in (EMBEDDINGS[e],)]).metadata.num_rows for p in todo)
-    bar = tqdm(total=total, unit="chip", desc="index", disable=not progress)
+    bar = progress_bar(total=total, unit="chip", desc="index", enabled=progress)
     cols = list(META_COLUMNS) + [c for e in names for c in (EMBEDDINGS[e], EMBEDDINGS[e] + "_scale")]
     for part in todo:
         start = next_key

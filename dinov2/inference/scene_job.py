@@ -175,11 +175,11 @@ class SceneJob:
             self.open_outputs()
             carry = os.path.join(self.work, f"carry_{start}.npz") if start > 0 else None
             self._blender = StreamBlender(self.grid, self.weights, self.channels, self.sink, carry)
-        from tqdm import tqdm
+        from dinov2.utils.progress import progress_bar
 
         ncols = len(self.grid.col_starts)
-        bar = tqdm(total=self.grid.n_chips, initial=start * ncols, unit="chip", desc=self.scene.name,
-                   disable=not (self.progress and rank == 0), dynamic_ncols=True)
+        bar = progress_bar(total=self.grid.n_chips, initial=start * ncols, unit="chip", desc=self.scene.name,
+                           enabled=self.progress and rank == 0)
         try:
             stream_chips(self.grid, start, self.batch_size, self._read, self.forward, self._place, rank, world,
                          bar.update)

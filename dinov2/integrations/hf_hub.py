@@ -62,7 +62,7 @@ def _fetch(repo: str, filename: str, revision: Optional[str], required: bool) ->
             raise FileNotFoundError(f"hf-hub:{where} has no {filename} (recorded in the Hugging Face cache)")
         return None
     try:
-        return hub.hf_hub_download(repo, filename, revision=revision, endpoint=os.environ.get("HF_ENDPOINT") or None)
+        return _download(hub, repo, filename, revision)
     except EntryNotFoundError:
         if required:
             raise FileNotFoundError(f"hf-hub:{where} has no {filename}") from None
@@ -71,6 +71,26 @@ def _fetch(repo: str, filename: str, revision: Optional[str], required: bool) ->
         raise ValueError(f"hf-hub:{where}: revision {revision!r} not found") from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"hf-hub:{repo}: repository not found (or private without a token)") from None
+
+
+def _download(hub, repo: str, filename: str, revision: Optional[str]) -> str:
+    """`hf_hub_download`, with its progress bars only on a terminal (a plain line otherwise, see
+    `dinov2.utils.progress`)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from dinov2.utils.progress import bars_allowed, progress_line
+
+    def fetch() -> str:
+        return hub.hf_hub_download(repo, filename, revision=revision, endpoint=os.environ.get("HF_ENDPOINT") or None)
+
+    if bars_allowed() or are_progress_bars_disabled():
+        return fetch()
+    progress_line(f"fetching {filename} of hf-hub:{repo}" + (f"@{revision}" if revision else ""))
+    disable_progress_bars()
+    try:
+        return fetch()
+    finally:
+        enable_progress_bars()
 
 
 def fetch_model_files(source: str, filename: Optional[str] = None) -> Tuple[str, Optional[str]]:

@@ -24,7 +24,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("dinov2.run.train", "pretrain a model in this process, or submit it to SLURM (--cluster slurm)"),
     "eval": ("dinov2.run.eval", "evaluate models on task configs (kNN, linear probes, retrieval, segmentation, "
              "regression)"),
-    "demo": ("dinov2.run.demo", "pretrain and evaluate a small model on two real scenes (about 10 min on CPU)"),
+    "demo": ("dinov2.run.demo", "pretrain and evaluate a small model on two real scenes (about 5 min on a 2-core CPU)"),
     "convert": ("dinov2.run.convert", "convert checkpoints to and from torchgeo's Panopticon (timm) layout"),
     "export": ("dinov2.run.export", "export a model to ONNX and/or a torch.export program (dynamic batch, bands)"),
     "embed": ("dinov2.run.embed", "georeferenced embeddings of GeoTIFF/COG/STAC scenes (COG + GeoParquet)"),

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from dinov2.utils.cli_help import OneSpellingHelpFormatter
+
 FORMATS = ("onnx", "torch-export", "both", "safetensors")
 SUFFIXES = (".onnx", ".pt2", ".safetensors")
 TOLERANCE = 1e-4
@@ -41,7 +43,7 @@ def _bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="panopticon export", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=OneSpellingHelpFormatter)
     p.add_argument("--model", required=True,
                    help="a hub name (panopticon_vitb14, dinov2_vits14, ...; the released weights unless --weights "
                         "or --pretrained false), hf-hub:ORG/NAME[@REVISION], a training run folder, or a "

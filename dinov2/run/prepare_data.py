@@ -25,9 +25,13 @@ def get_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="dataset", required=True, metavar="{mmearth,eurosat-sar,benv2-shards}",
                            help="the dataset to prepare (each has its own --help)")
 
+    display = argparse.ArgumentParser(add_help=False)
+    display.add_argument("--no-progress", action="store_true",
+                         help="no progress bars or lines (the same as PANOPTICON_NO_PROGRESS=1)")
+
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, help=help,
-                              description=description)
+                              description=description, parents=[display])
 
     mm = command(
         "mmearth", help="build <name>.parquet from the MMEarth download (h5 + _tile_info.json + _splits.json)",
@@ -78,6 +82,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
+    if args.no_progress:
+        from dinov2.utils.progress import disable_progress
+
+        disable_progress()
     if args.dataset == "mmearth":
         from dinov2.data.datasets.mmearth import prepare_metadata
 

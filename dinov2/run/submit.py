@@ -9,6 +9,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from dinov2.utils.cli_help import OneSpellingHelpFormatter
+
 logger = logging.getLogger("dinov2")
 
 
@@ -27,7 +29,7 @@ def get_args_parser(description: Optional[str] = None, parents: Sequence[argpars
                     epilog: Optional[str] = None) -> argparse.ArgumentParser:
     """Launcher options; `parents` contribute the task's own options (e.g. the training CLI)."""
     p = argparse.ArgumentParser(description=description, parents=list(parents), add_help=add_help, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=OneSpellingHelpFormatter)
     g = p.add_argument_group("launcher (submitit)")
     here = "run in this process" if default_cluster is None else default_cluster
     g.add_argument("--cluster", default=default_cluster, choices=CLUSTERS,

@@ -32,6 +32,7 @@ from dinov2.train.run_lock import RunLock
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.checkpoint import load_pretrained_weights, save_atomic
 from dinov2.utils.config import apply_scaling_rules, load_config, write_config
+from dinov2.utils.cli_help import OneSpellingHelpFormatter
 from dinov2.utils.config_names import resolve_config_file
 from dinov2.utils.dtype import as_torch_dtype
 from dinov2.utils.param_groups import apply_optim_schedule
@@ -42,7 +43,7 @@ _RUN_LOCK: Optional[RunLock] = None  # held by the main rank from setup() until 
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Panopticon pretraining", add_help=add_help)
+    p = argparse.ArgumentParser("Panopticon pretraining", add_help=add_help, formatter_class=OneSpellingHelpFormatter)
     p.add_argument("--config-file", "--config_file", dest="config_file", default="",
                    help="training config YAML, merged over the shipped defaults: a file, or the name of a "
                         "shipped config (debug, demo, quick_check, stage1, stage2; `panopticon configs` lists them)")

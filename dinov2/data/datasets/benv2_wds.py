@@ -100,7 +100,8 @@ def write_benv2_shards(root: str, output: Optional[str] = None, splits: Sequence
     and renamed, the index last, so an interrupted run leaves no folder that looks complete."""
     import webdataset as wds
     import yaml
-    from tqdm import tqdm
+
+    from dinov2.utils.progress import progress_bar
 
     out_root = output or os.path.join(os.path.expandvars(root), "wds")
     done = []
@@ -119,7 +120,7 @@ def write_benv2_shards(root: str, output: Optional[str] = None, splits: Sequence
             per_shard = -(-len(ds) // max(1, min(int(n_shards), len(ds))))
             to_stored = [OURS[sensor].index(c) for c in STORED[sensor]]
             counts: Dict[str, int] = {}
-            bar = tqdm(total=len(ds), desc=f"benv2 shards {split}-{b}", disable=not progress)
+            bar = progress_bar(total=len(ds), desc=f"benv2 shards {split}-{b}", enabled=progress)
             for start in range(0, len(ds), per_shard):
                 name = f"dataset-{len(counts):06d}.tar"
                 tmp = os.path.join(folder, f".{name}.tmp")

@@ -64,11 +64,7 @@ def _h5_tile_ids(h5_path: str) -> List[str]:
     """Tile id of every h5 row, from the `metadata` dataset (structured with a `tile_id` field, or strings)."""
     import h5py
 
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with the train/eval extras; without it, no progress bar
-        def tqdm(it, **_kw):
-            return it
+    from dinov2.utils.progress import progress_bar
 
     ids: List[str] = []
     with h5py.File(h5_path, "r") as f:
@@ -76,8 +72,8 @@ def _h5_tile_ids(h5_path: str) -> List[str]:
             raise ValueError(f"{h5_path}: no 'metadata' dataset (have {sorted(f.keys())}); is this an MMEarth file?")
         ds = f["metadata"]
         block = 65536  # the release stores one row per chunk: read in blocks, with progress
-        for start in tqdm(range(0, ds.shape[0], block), desc="MMEarth h5 metadata", unit="block",
-                          disable=os.environ.get("PANOPTICON_NO_TQDM") == "1" or ds.shape[0] <= block):
+        for start in progress_bar(range(0, ds.shape[0], block), desc="MMEarth h5 metadata", unit="block",
+                                  enabled=ds.shape[0] > block):
             meta = ds[start:start + block]
             if meta.dtype.names:
                 col = meta["tile_id" if "tile_id" in meta.dtype.names else meta.dtype.names[0]]
