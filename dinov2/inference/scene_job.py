@@ -21,6 +21,7 @@ import numpy as np
 
 from dinov2.inference.grid import ChipGrid
 from dinov2.inference.normstats import resolve_stats
+from dinov2.inference.output_store import OutputStore
 from dinov2.inference.provenance import FORMAT_VERSION, changes, input_identity, norm_identity
 from dinov2.inference.reader import SceneReader
 from dinov2.inference.sources import SceneSource
@@ -28,6 +29,7 @@ from dinov2.inference.stream import StreamBlender, broadcast, owned_window, stre
 from dinov2.inference.writers import atomic_json, read_json
 
 logger = logging.getLogger("dinov2")
+REMOTE_READ_WORKERS = 4
 
 
 class SceneJob:
@@ -52,14 +54,24 @@ class SceneJob:
         if norm_stats != "scene" or (scene.mean is not None and scene.std is not None):
             self.stats = resolve_stats(norm_stats, scene, reader)
         self.report: Dict[str, Any] = {"absurd_pixels": 0}
+        # threads reading chips ahead of the model: remote reads wait on the network, local ones hardly at all
+        self.read_workers = REMOTE_READ_WORKERS if scene.urls else 1
+        self.store: OutputStore = OutputStore(out_dir)  # where finished outputs go (see `output_store`)
+        self.request: Optional[str] = None  # what the run asked for, known without opening inputs (`embed`)
+        self.marker: Optional[Dict[str, Any]] = None  # the done marker `is_done` read
 
     def base_signature(self) -> Dict[str, Any]:
         """Signature entries every job has (subclasses add theirs)."""
         stats = self.stats or (None, None)
-        return {"format": FORMAT_VERSION, "kind": self.kind, "bands": self.scene.bands,
-                "chn_ids": self.scene.chn_ids, "inputs": input_identity(self.scene.files),
-                "nodata": [v if v is None or v == v else "nan" for v in self.reader.nodata],  # NaN != NaN
-                "norm": norm_identity(self.norm_mode, *stats)}
+        sig = {"format": FORMAT_VERSION, "kind": self.kind, "bands": self.scene.bands,
+               "chn_ids": self.scene.chn_ids, "inputs": input_identity(self.scene.input_files),
+               "nodata": [v if v is None or v == v else "nan" for v in self.reader.nodata],  # NaN != NaN
+               "norm": norm_identity(self.norm_mode, *stats)}
+        if self.scene.mask is not None:  # only when given: signatures of earlier outputs stay as they were
+            sig["mask"] = self.scene.mask.signature()
+        if self.scene.clip is not None:
+            sig["clip"] = list(self.scene.clip)
+        return sig
 
     # ------------------------------------------------------------------ subclass interface
     def chip_item(self, strip: int, ci: int, arr: np.ndarray, valid: np.ndarray, inside: np.ndarray) -> Any:
@@ -107,11 +119,13 @@ class SceneJob:
     signature: Dict[str, Any]
 
     def is_done(self) -> bool:
-        marker = read_json(self.done_marker)
-        if marker and marker.get("signature") != self.signature and all(map(os.path.isfile, self.outputs())):
+        """True when the scene's outputs exist (in the store) with this run's signature."""
+        marker = self.store.read_json(self.done_marker)
+        if marker and marker.get("signature") != self.signature and all(map(self.store.exists, self.outputs())):
             logger.info("%s: %s is recomputed: %s", self.kind, self.scene.name,
                         changes(marker.get("signature"), self.signature))
-        return bool(marker and marker.get("signature") == self.signature and all(map(os.path.isfile,
+        self.marker = marker
+        return bool(marker and marker.get("signature") == self.signature and all(map(self.store.exists,
                                                                                      self.outputs())))
 
     def _resume_point(self) -> Tuple[int, Optional[Dict[str, Any]]]:
@@ -124,9 +138,7 @@ class SceneJob:
         if os.path.isdir(self.work):
             shutil.rmtree(self.work)
         # outputs of other settings must not look finished while this run recomputes them
-        for stale in (self.done_marker, *self.stale_outputs()):
-            if os.path.exists(stale):
-                os.remove(stale)
+        self.store.remove([self.done_marker, *self.stale_outputs()])
         os.makedirs(self.work)
         return 0, None
 
@@ -182,12 +194,16 @@ class SceneJob:
                    disable=not (self.progress and rank == 0), dynamic_ncols=True)
         try:
             stream_chips(self.grid, start, self.batch_size, self._read, self.forward, self._place, rank, world,
-                         bar.update)
+                         bar.update, self.read_workers)
         finally:
             if rank == 0:
                 self.close_outputs()
             bar.close()
         if rank == 0:
+            if input_identity(self.scene.input_files) != self.signature["inputs"]:
+                raise ValueError(f"{self.kind}: an input of {self.scene.name} changed while it was read "
+                                 f"({', '.join(self.scene.input_files)}); run again to compute it from the new "
+                                 "version")
             self.finish()
             if self.report.get("nonfinite_model_outputs"):
                 logger.warning("%s: the model gave non-finite outputs for %d cells of %s: written as no-data",
@@ -197,7 +213,8 @@ class SceneJob:
                                "deviations from the band mean): treated as no-data", self.kind, self.scene.name,
                                self.report["absurd_pixels"])
             atomic_json(self.done_marker, {"signature": self.signature, "finished": time.time(),
-                                           "report": self.report})
+                                           "report": self.report, "request": self.request})
+            self.store.publish([*self.outputs(), self.done_marker])  # the marker last: it says all is there
             shutil.rmtree(self.work, ignore_errors=True)
 
 

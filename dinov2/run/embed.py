@@ -25,8 +25,9 @@ EPILOG = """examples:
 
 def add_scene_arguments(p: argparse.ArgumentParser) -> None:
     """Input scenes and their band description (shared by `embed` and `predict`)."""
-    p.add_argument("inputs", nargs="+", help="GeoTIFF/COG files, folders of them, scenes YAMLs (as training uses; "
-                   "entries may give {file, wavelengths_nm}) or local STAC item JSONs (bands from eo:bands)")
+    p.add_argument("inputs", nargs="*", help="GeoTIFF/COG files or their http(s):// s3:// gs:// az:// URLs, folders, "
+                   "scenes YAMLs (as training uses; entries may give {file, wavelengths_nm} and a mask) or STAC item "
+                   "JSONs (local or URLs; bands from eo:bands)")
     p.add_argument("--sensor", help="registry sensor of plain GeoTIFF inputs (e.g. sentinel2)")
     p.add_argument("--bands", help="comma-separated band keys/names of plain GeoTIFF inputs, in file order")
     p.add_argument("--wavelengths", help="comma-separated centre wavelengths in nm of plain GeoTIFF inputs "
@@ -34,6 +35,28 @@ def add_scene_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodata", type=float, help="no-data value overriding the files' own")
     p.add_argument("--allow-vrt", action="store_true", help="read GDAL VRT inputs (XML files that make GDAL read "
                    "other files; each referenced file must be a local GeoTIFF/JPEG 2000; refused by default)")
+    g = p.add_argument_group("STAC items and searches (docs/embed.md: Embed a region from a STAC catalog)")
+    g.add_argument("--stac-api", metavar="URL", help="search this STAC API and embed every matching item whole "
+                   "(scene name = item id); with --collections, --bbox, --datetime, --query/--filter, --max-items")
+    g.add_argument("--collections", help="comma-separated collection ids to search")
+    g.add_argument("--bbox", help="W,S,E,N in degrees: items intersecting it")
+    g.add_argument("--datetime", help="START/END (ISO dates or times, '..' = open end) or one date")
+    g.add_argument("--query", metavar="JSON", help="STAC query extension, e.g. '{\"eo:cloud_cover\": {\"lt\": 20}}'")
+    g.add_argument("--filter", metavar="CQL2-JSON", help="STAC filter extension (CQL2 JSON)")
+    g.add_argument("--max-items", type=int, help="at most this many items")
+    g.add_argument("--clip", action="store_true", help="embed only the part of each item inside --bbox (default: "
+                   "whole items)")
+    g.add_argument("--assets", help="comma-separated asset keys of STAC items to embed, in band order (default: "
+                   "every GeoTIFF asset with eo:bands)")
+    m = p.add_argument_group("masks (docs/embed.md: Cloud masks)")
+    m.add_argument("--mask-asset", metavar="KEY", help="STAC items: the asset that is the mask (e.g. scl)")
+    m.add_argument("--mask-file", metavar="PATH", help="a mask raster for the one plain GeoTIFF input (same CRS; "
+                   "any grid covering the scene: resampled nearest)")
+    m.add_argument("--mask-band", type=int, metavar="N", help="band N of the mask asset/file (default 1); alone: "
+                   "band N of the plain GeoTIFF input is the mask (not embedded; --bands lists the other bands)")
+    m.add_argument("--mask-values", metavar="V,...", help="mask values that are no-data (Sentinel-2 SCL: 3,8,9,10)")
+    m.add_argument("--mask-bits", metavar="B,...", help="bit positions that make a pixel no-data when set "
+                   "(Landsat QA_PIXEL: 0,1,2,3,4)")
 
 
 def raster_policy(args: argparse.Namespace):
@@ -43,15 +66,70 @@ def raster_policy(args: argparse.Namespace):
     return RasterPolicy(allow_vrt=bool(args.allow_vrt))
 
 
+def _ints(text: Optional[str], what: str) -> tuple:
+    if not text:
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def item_options(args: argparse.Namespace):
+    """STAC asset choice, mask and clip box of the command line (`dinov2.inference.stac.ItemOptions`)."""
+    from dinov2.inference.scene_source import MaskFlags
+    from dinov2.inference.stac import ItemOptions, parse_bbox
+
+    mask = MaskFlags(args.mask_asset, args.mask_file, args.mask_band, _ints(args.mask_values, "--mask-values"),
+                     _ints(args.mask_bits, "--mask-bits"))
+    if args.clip and not args.bbox:
+        raise ValueError("--clip needs --bbox (the box to clip to)")
+    assets = tuple(a.strip() for a in args.assets.split(",") if a.strip()) if args.assets else None
+    return ItemOptions(assets, mask, parse_bbox(args.bbox) if args.clip else None)
+
+
+def _search(args: argparse.Namespace):
+    """The item dicts of --stac-api (searched on rank 0, the same list on every rank), or None."""
+    from dinov2.inference.stac import Search, parse_bbox, parse_datetime, search_items
+    from dinov2.inference.stream import broadcast, dist_info
+
+    search_flags = [f for f, v in (("--collections", args.collections), ("--bbox", args.bbox),
+                                   ("--datetime", args.datetime), ("--query", args.query), ("--filter", args.filter),
+                                   ("--max-items", args.max_items)) if v is not None]
+    if not args.stac_api:
+        if search_flags:
+            raise ValueError(f"{', '.join(search_flags)} describe a search: add --stac-api URL")
+        return None
+    search = Search(args.stac_api, [c.strip() for c in (args.collections or "").split(",") if c.strip()],
+                    parse_bbox(args.bbox) if args.bbox else None,
+                    parse_datetime(args.datetime) if args.datetime else None, args.query, args.filter,
+                    args.max_items)
+    rank, world = dist_info()
+    found = None
+    if rank == 0:
+        try:
+            found = ("items", search_items(search))
+        except ValueError as e:
+            found = ("error", str(e))
+    found = broadcast(found, world)
+    if found[0] == "error":
+        raise ValueError(found[1])
+    return found[1]
+
+
 def scenes_from_args(args: argparse.Namespace):
-    """The scenes named by `add_scene_arguments` flags."""
+    """The scenes named by `add_scene_arguments` flags: inputs, then the items of a search."""
     from dinov2.inference.sources import collect_scenes
 
     if args.bands and args.wavelengths:
         raise ValueError("give either --bands (with --sensor) or --wavelengths, not both")
+    if not args.inputs and not args.stac_api:
+        raise ValueError("nothing to read: give input files/URLs, or search a STAC API with --stac-api")
     bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
+    options = item_options(args)
+    items = _search(args)
     return collect_scenes(args.inputs, args.sensor, bands, _floats(args.wavelengths, "--wavelengths"), args.nodata,
-                          raster_policy(args))
+                          raster_policy(args), options, searched=(args.stac_api, items) if items else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-dtype", choices=("float32", "float16", "int8"), default="float32",
                    help="storage of the chip table's embeddings: float16 halves it, int8 (with a per-vector scale) "
                    "quarters it (default: %(default)s; see docs/search.md)")
+    p.add_argument("--read-workers", type=int, default=0, help="threads reading chips ahead of the model "
+                   "(default 0: 1 for local inputs, 4 for remote ones, whose reads wait on the network)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -131,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = EmbedSettings(chip_size=args.chip_size, overlap=args.overlap, batch_size=args.batch_size,
                              min_valid=args.min_valid, norm_stats=args.norm_stats, precision=args.precision,
                              compress=args.compress, progress=not args.no_progress,
-                             embedding_dtype=args.embedding_dtype)
+                             embedding_dtype=args.embedding_dtype, read_workers=args.read_workers)
     check_settings(settings)
     distributed.enable(overwrite=True)
     try:
