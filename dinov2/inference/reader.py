@@ -86,9 +86,9 @@ class SceneReader:
         self.groups = groups
         self.nodata = [None if v is None else float(v) for v in nodatas]
         left, bottom, right, top = common_extent(list(groups.values()))
-        if scene.clip is not None:
-            left, bottom, right, top = self._clipped(left, bottom, right, top)
         fine = min(groups.values(), key=lambda g: g.res)
+        if scene.clip is not None:
+            left, bottom, right, top = self._clipped(fine, left, bottom, right, top)
         res = fine.res
         col0 = math.ceil((left - fine.left) / res - 1e-6)
         row0 = math.ceil((fine.top - top) / res - 1e-6)
@@ -109,11 +109,16 @@ class SceneReader:
                 self._all_handles.append(handles)
         return handles
 
-    def _clipped(self, left: float, bottom: float, right: float, top: float) -> Tuple[float, float, float, float]:
-        """The extent cut to the scene's WGS84 clip box (in the scene's CRS)."""
+    def _clipped(self, fine: RasterGroup, left: float, bottom: float, right: float,
+                 top: float) -> Tuple[float, float, float, float]:
+        """The extent cut to the scene's WGS84 clip box (in the scene's CRS), grown to whole pixels of the finest
+        grid so that every pixel the box touches stays."""
         from rasterio.warp import transform_bounds
 
         w, s, e, n = transform_bounds("EPSG:4326", self.crs, *self.scene.clip, densify_pts=21)
+        r, x0, y0 = fine.res, fine.left, fine.top
+        w, e = x0 + math.floor((w - x0) / r + 1e-6) * r, x0 + math.ceil((e - x0) / r - 1e-6) * r
+        n, s = y0 - math.floor((y0 - n) / r + 1e-6) * r, y0 - math.ceil((y0 - s) / r - 1e-6) * r
         box = (max(left, w), max(bottom, s), min(right, e), min(top, n))
         if box[0] >= box[2] or box[1] >= box[3]:
             raise ValueError(f"scene {self.scene.name} does not intersect the clip box {list(self.scene.clip)} "

@@ -187,6 +187,8 @@ class MaskFlags:
         if (self.values or self.bits) and not self.active:
             raise ValueError("--mask-values/--mask-bits need a mask: --mask-asset (STAC), --mask-file or "
                              "--mask-band")
+        if any(not 0 <= b <= 63 for b in self.bits):
+            raise ValueError(f"--mask-bits: bit positions must be 0..63, got {list(self.bits)}")
 
     @property
     def active(self) -> bool:

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from typing import Optional, Sequence
+
+from dinov2.run.submit import (add_launcher_arguments, launcher_options_given, set_rank_environment, submit_job,
+                               without_launcher_arguments)
+
+RANK_TIMEOUT_MINUTES = 6 * 60
 
 EPILOG = """examples:
   panopticon embed scenes.yaml --output-dir out/
@@ -20,6 +27,10 @@ EPILOG = """examples:
   panopticon embed item.json --model runs/mine --chip-size 2240m --overlap 280m --output-dir out/
   panopticon embed hyper.tif --wavelengths 450,550,650,850 --output-dir out/
   torchrun --nproc_per_node 4 -m dinov2.run.embed scenes/ --sensor sentinel2 --bands B02,B03,B04 --output-dir out/
+  panopticon embed --stac-api https://earth-search.aws.element84.com/v1 --collections sentinel-2-l2a \\
+      --bbox 11.0,46.0,11.2,46.2 --datetime 2024-07-01/2024-07-31 --query '{"eo:cloud_cover": {"lt": 20}}' \\
+      --assets blue,green,red,nir --mask-asset scl --mask-values 0,1,3,8,9,10 --output-dir s3://bucket/emb/
+  panopticon embed --cluster slurm --nodes 4 --ngpus 8 --partition gpu --stac-api ... --output-dir s3://bucket/emb/
 """
 
 
@@ -123,11 +134,11 @@ def scenes_from_args(args: argparse.Namespace):
 
     if args.bands and args.wavelengths:
         raise ValueError("give either --bands (with --sensor) or --wavelengths, not both")
+    options = item_options(args)
+    items = _search(args)
     if not args.inputs and not args.stac_api:
         raise ValueError("nothing to read: give input files/URLs, or search a STAC API with --stac-api")
     bands = [b.strip() for b in args.bands.split(",")] if args.bands else None
-    options = item_options(args)
-    items = _search(args)
     return collect_scenes(args.inputs, args.sensor, bands, _floats(args.wavelengths, "--wavelengths"), args.nodata,
                           raster_policy(args), options, searched=(args.stac_api, items) if items else None)
 
@@ -136,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="panopticon embed", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_scene_arguments(p)
-    p.add_argument("--output-dir", "-o", required=True, help="folder for <scene>_patches.tif and chips.parquet/")
+    p.add_argument("--output-dir", "-o", required=True, help="folder for <scene>_patches.tif and chips.parquet/, "
+                   "or s3://bucket/prefix (also gs://, az://): scenes are computed in --work-dir and uploaded when "
+                   "finished")
+    p.add_argument("--work-dir", help="object-storage outputs only: the local folder where scenes are computed "
+                   "(default: a folder keyed by the URL in $PANOPTICON_CACHE or ~/.cache/panopticon)")
     p.add_argument("--model", default="panopticon_vitb14", help="hub name (released weights), weights .pth, "
                    "training run folder or checkpoint (default: %(default)s)")
     p.add_argument("--random-init", action="store_true", help="hub models only: random weights instead of the "
@@ -162,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-workers", type=int, default=0, help="threads reading chips ahead of the model "
                    "(default 0: 1 for local inputs, 4 for remote ones, whose reads wait on the network)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_launcher_arguments(p, default_cluster=None)
     return p
 
 
@@ -198,13 +214,49 @@ def load_backbone(source: str, random_init: bool = False, seed: int = 0):
         raise ValueError(f"--model {source}: {str(e).splitlines()[0]}") from e
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+class EmbedJob:
+    """Picklable SLURM/submitit job: `panopticon embed` with `argv` on every task (ranks from the job's
+    environment); requeued on timeout or preemption, when it resumes like any rerun."""
+
+    def __init__(self, argv: Sequence[str]):
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        set_rank_environment()
+        return main(self.argv)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(type(self)(self.argv))
+
+
+def launch(argv: Optional[Sequence[str]] = None):
+    """Embed in this process (returns the `embed_scenes` result on rank 0, else None) or submit the same command
+    to `--cluster` (returns the submitit job)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.cluster is None:
+        given = launcher_options_given(args)
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to a submitted job: add --cluster slurm|local|debug, "
+                             "or drop them to embed in this process")
+        return _embed(args)
+    from dinov2.inference.output_store import open_output
+
+    root = os.path.abspath(open_output(args.output_dir, args.work_dir).root)
+    if args.slurm_folder is None:
+        args.slurm_folder = os.path.join(root, "slurm")
+    return submit_job(EmbedJob(without_launcher_arguments(argv)), args, root, name="panopticon:embed")
+
+
+def _embed(args: argparse.Namespace):
     setup_logging()
     import torch
 
     from dinov2 import distributed
     from dinov2.inference.embed import EmbedSettings, check_settings, embed_scenes
+    from dinov2.inference.output_store import open_output
     from dinov2.inference.scene_job import output_lock
     from dinov2.inference.stream import dist_info
 
@@ -213,19 +265,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              compress=args.compress, progress=not args.no_progress,
                              embedding_dtype=args.embedding_dtype, read_workers=args.read_workers)
     check_settings(settings)
-    distributed.enable(overwrite=True)
+    root = open_output(args.output_dir, args.work_dir).root
+    # ranks with scenes of their own wait at the end for the others: longer than one scene may take
+    distributed.enable(overwrite=True, timeout_minutes=RANK_TIMEOUT_MINUTES)
     try:
         # the folder's lock first: a second run is refused before it loads or writes anything
-        with output_lock(args.output_dir, "panopticon embed", *dist_info()):
+        with output_lock(root, "panopticon embed", *dist_info()):
             scenes = scenes_from_args(args)
             model = load_backbone(args.model, args.random_init, args.seed)
             device = torch.device(args.device) if args.device else distributed.get_device()
-            result = embed_scenes(scenes, model, args.output_dir, settings, device, raster_policy(args))
+            result = embed_scenes(scenes, model, args.output_dir, settings, device, raster_policy(args),
+                                  args.work_dir)
         if distributed.is_main_process():
-            print(f"embedded {len(scenes)} scene(s) ({len(result['skipped'])} already finished): "
-                  f"{', '.join(result['patches'])}; {result['n_chips']} chips in {result['chips']}")
+            shown = ", ".join(result["patches"][:5]) + (f", ... ({len(scenes)} maps)" if len(scenes) > 5 else "")
+            print(f"embedded {len(scenes)} scene(s) ({len(result['skipped'])} already finished): {shown}; "
+                  f"{result['n_chips']} chips in {result['chips']}")
+            return result
+        return None
     finally:
         distributed.disable()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`panopticon embed` entry point; 0 once the scenes are embedded or the job is submitted."""
+    launch(argv)
     return 0
 
 
