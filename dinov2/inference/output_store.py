@@ -20,6 +20,7 @@ searched locally, beside the mirror.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -49,6 +50,30 @@ def url_folder(kind: str, url: str) -> str:
 
 def _one_line(url: str, e: Exception) -> OSError:
     return OSError(f"{url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+class _Seekable(io.RawIOBase):
+    """A seekable file object over an obstore reader (pyarrow reads a parquet footer through it)."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.reader.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.reader.tell()
+
+    def readinto(self, buf) -> int:
+        data = memoryview(self.reader.read(len(buf)))
+        buf[:len(data)] = data
+        return len(data)
 
 
 class OutputStore:
@@ -187,7 +212,7 @@ class ObjectOutput(OutputStore):
         from dinov2.inference.chips_table import META_KEY
 
         path = os.path.join(self.root, *location[len(self.url) + 1:].split("/"))
-        meta = pq.ParquetFile(self._call(path, obstore.open_reader)).schema_arrow.metadata or {}
+        meta = pq.ParquetFile(_Seekable(self._call(path, obstore.open_reader))).schema_arrow.metadata or {}
         raw = meta.get(META_KEY)
         return json.loads(raw) if raw else {}
 
@@ -196,7 +221,8 @@ def open_output(output_dir: str, work_dir: Optional[str] = None) -> OutputStore:
     """The store of `output_dir`: a local folder, or ``s3://`` / ``gs://`` / ``az://`` (computed in `work_dir`,
     by default ``<cache>/embed-work/<url>-<hash>``)."""
     if is_object_url(output_dir):
-        return ObjectOutput(str(output_dir), os.path.abspath(work_dir or url_folder("embed-work", str(output_dir))))
+        url = str(output_dir).rstrip("/")
+        return ObjectOutput(url, os.path.abspath(work_dir or url_folder("embed-work", url)))
     if "://" in str(output_dir):
         raise ValueError(f"--output-dir {output_dir}: outputs go to a local folder or to s3://, gs:// or az:// "
                          "object storage")
@@ -251,3 +277,8 @@ def mirror_chips(url: str) -> str:
     with open(stamps_path, "w") as f:
         json.dump(stamps, f)
     return folder
+
+
+def local_chips(chips: str) -> str:
+    """`chips` itself when local; for an embed output in object storage, its local mirror (`mirror_chips`)."""
+    return mirror_chips(str(chips)) if is_object_url(chips) else chips

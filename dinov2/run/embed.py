@@ -194,7 +194,8 @@ def setup_logging() -> None:
     """INFO logs of this project; GDAL's own messages only from WARNING up (its errors reach the user as the
     command's one-line error, its INFO chatter is noise)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("rasterio").setLevel(logging.WARNING)
+    for noisy in ("rasterio", "botocore"):  # botocore (through rasterio's AWS session) logs found credentials
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def load_backbone(source: str, random_init: bool = False, seed: int = 0):
