@@ -194,7 +194,7 @@ def test_503_answers_are_retried(tmp_path, run, monkeypatch):
         srv.fail_every("B02.tif", 3)  # and range reads in the middle of the run
         item = tmp_path / "item.json"
         item.write_text(json.dumps(item_dict(srv.url)))
-        embed(item, "--model", run, "-o", tmp_path / "out")
+        embed(item, "--model", run, "-o", tmp_path / "out", "--read-workers", "3")  # each thread its own handles
         codes = [r.path for r in srv.requests]
     assert srv.state.failures["/B04.tif"] == 0 and codes.count("/B02.tif") >= 3
     assert_same(ref, name, tmp_path / "out", "S2A_32TMR_20240705")

@@ -168,7 +168,8 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
                     with frozen_fused_cache(model), bounded_gdal_cache():
                         emb.run(r, w)
                     if r == 0:
-                        logger.info("embed: %s done (%s)", name, emb.report)
+                        logger.info("embed: %s done%s (%s)", name, f" on rank {rank}/{world}" if world > 1 and
+                                    w == 1 else "", emb.report)
                 if r == 0:  # the rank that wrote (or would have written) the scene counts its chips
                     counts += _count(store, name, markers.get(i) or (emb.marker if finished else
                                                                      {"report": emb.report}))

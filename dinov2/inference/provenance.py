@@ -22,10 +22,17 @@ def input_identity(paths: Sequence[str]) -> List[List[Any]]:
     remote one (one HEAD request each, no pixel read)."""
     from dinov2.data.remote import is_url, remote_identity
 
+    urls = [p for p in paths if is_url(p)]
+    remote = {}
+    if urls:  # all HEAD requests at once: one round trip, whatever the number of files
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+            remote = dict(zip(urls, pool.map(remote_identity, urls)))
     out = []
     for p in paths:
         if is_url(p):
-            out.append(remote_identity(p))
+            out.append(remote[p])
             continue
         st = os.stat(p)
         out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])

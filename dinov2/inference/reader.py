@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -30,6 +31,7 @@ from dinov2.inference.sources import SceneSource
 STATS_MAX_SIDE = 1024  # decimated read for scene statistics (long side in pixels)
 ABSURD_VALUE = 1e10  # |value| beyond this is no pixel value of any Earth-observation band
 ABSURD_Z = 1e4  # normalised |value| beyond this (standard deviations from the mean) is not data either
+WARM_THREADS = 8  # files of a remote scene fetched at once by `SceneReader.warm`
 
 
 @dataclass
@@ -56,14 +58,18 @@ class SceneReader:
     def __init__(self, scene: SceneSource, policy: Optional[RasterPolicy] = None):
         # the scene's URLs were named by the user (command line, scenes YAML, STAC item); nothing else is fetched
         self.scene, self.policy = scene, (policy or LOCAL_ONLY).with_urls(scene.urls)
-        clear_cached(scene.urls)  # a remote file that changed since an earlier run in this process is read anew
+        with self.policy.env():  # (GDAL sizes its download cache from these settings when first used)
+            clear_cached(scene.urls)  # a remote file that changed since an earlier run in this process is read anew
         self._local = threading.local()
         self._all_handles: List[LazyHandles] = []
         self._lock = threading.Lock()
+        self._warmers: Optional[ThreadPoolExecutor] = None
         groups: Dict[Tuple, RasterGroup] = {}
         self._chan_group: List[Tuple] = []
         self.crs = None
         nodatas = []
+        if scene.urls:  # remote files opened together: one round trip instead of one per file
+            self._handles.open_all(scene.input_files)
         for ch in scene.channels:
             src = self._handles.get(ch.path)
             if ch.index > src.count:
@@ -177,6 +183,54 @@ class SceneReader:
         return read_raster_band(src, path, index, window=Window(gc, gr, gw, gh), out_shape=(out_h, out_w),
                                 resampling=_resampling(how))
 
+    def window_bytes(self, h: int, w: int) -> int:
+        """Decoded bytes of the blocks (tiles) of every band file that a `h` x `w` window may touch: what GDAL's
+        block cache must hold for `warm` to serve the chips inside the window."""
+        total = 0
+        for path in dict.fromkeys([*self.scene.input_files]):
+            src = self._handles.get(path)
+            bh, bw = src.block_shapes[0]
+            res = abs(src.transform.a)
+            rows = math.ceil(h * self.grid.res / res / bh) + 1
+            cols = math.ceil(w * self.grid.res / res / bw) + 1
+            total += rows * cols * bh * bw * src.count * np.dtype(src.dtypes[0]).itemsize
+        return total
+
+    def warm(self, row: int, col: int, h: int, w: int) -> None:
+        """Read a window of every band file (and the mask) at its own resolution and discard it: GDAL fetches its
+        tiles at once (parallel range requests for remote files) into this thread's block cache, where the reads
+        of the chips inside it find them. Values are unaffected: chips are read as always."""
+        from rasterio.windows import Window
+
+        h, w = min(h, self.grid.height - row), min(w, self.grid.width - col)
+        todo = {(ch.path, ch.index): self.groups[key] for ch, key in zip(self.scene.channels, self._chan_group)}
+        if self.mask_group is not None:
+            todo[(self.scene.mask.path, self.scene.mask.index)] = self.mask_group
+        x0, y0 = self.grid.left + col * self.grid.res, self.grid.top - row * self.grid.res
+        by_file: Dict[str, List[Tuple[int, Window]]] = {}
+        for (path, index), g in todo.items():
+            c0, r0 = max(0, math.floor((x0 - g.left) / g.res)), max(0, math.floor((g.top - y0) / g.res))
+            c1 = min(g.width, math.ceil((x0 + w * self.grid.res - g.left) / g.res))
+            r1 = min(g.height, math.ceil((g.top - y0 + h * self.grid.res) / g.res))
+            if c1 > c0 and r1 > r0:
+                by_file.setdefault(path, []).append((index, Window(c0, r0, c1 - c0, r1 - r0)))
+        handles = {path: self._handles.get(path) for path in by_file}  # this thread's: its reads hit the cache
+
+        def fetch(path: str) -> None:
+            with self.policy.env():
+                for index, window in by_file[path]:
+                    read_raster_band(handles[path], path, index, window=window)
+
+        if len(by_file) == 1:
+            fetch(next(iter(by_file)))
+            return
+        # files at once: each dataset is used by one thread at a time (GDAL's rule), all files' requests in flight
+        if self._warmers is None:
+            with self._lock:
+                self._warmers = self._warmers or ThreadPoolExecutor(max_workers=WARM_THREADS)
+        for f in [self._warmers.submit(fetch, path) for path in by_file]:
+            f.result()
+
     def read(self, row: int, col: int, h: int, w: int, out_h: Optional[int] = None,
              out_w: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw (C, h, w) float32 of a window inside the grid, its validity mask (h, w) and its absurd-value mask
@@ -248,6 +302,9 @@ class SceneReader:
         """Close the files of every thread (call when no thread reads any more)."""
         with self._lock:
             handles, self._all_handles = self._all_handles, []
+            warmers, self._warmers = self._warmers, None
+        if warmers is not None:
+            warmers.shutdown()
         for h in handles:
             h.close()
         self._local = threading.local()

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -26,10 +27,11 @@ from dinov2.inference.provenance import FORMAT_VERSION, changes, input_identity,
 from dinov2.inference.reader import SceneReader
 from dinov2.inference.sources import SceneSource
 from dinov2.inference.stream import StreamBlender, broadcast, owned_window, stream_chips
-from dinov2.inference.writers import atomic_json, read_json
+from dinov2.inference.writers import GDAL_CACHE_MB, atomic_json, bounded_gdal_cache, read_json
 
 logger = logging.getLogger("dinov2")
-REMOTE_READ_WORKERS = 4
+REMOTE_READ_WORKERS = 1
+REMOTE_WARM_MB = 256  # decoded tiles one read worker fetches ahead of the chips of a remote scene
 
 
 class SceneJob:
@@ -59,6 +61,7 @@ class SceneJob:
         self.store: OutputStore = OutputStore(out_dir)  # where finished outputs go (see `output_store`)
         self.request: Optional[str] = None  # what the run asked for, known without opening inputs (`embed`)
         self.marker: Optional[Dict[str, Any]] = None  # the done marker `is_done` read
+        self._warmed = threading.local()  # the window each read thread fetched last (`_prefetch`)
 
     def base_signature(self) -> Dict[str, Any]:
         """Signature entries every job has (subclasses add theirs)."""
@@ -150,6 +153,31 @@ class SceneJob:
         oh, ow = owned_window(self.grid, strip, ci, self.cell)
         return self.chip_item(strip, ci, arr, valid, inside), int(absurd[:oh, :ow].sum())
 
+    def _cache_mb(self) -> int:
+        """GDAL's block cache for the run: the default bound, or for remote scenes room for the windows that the
+        read workers prefetch (`_prefetch`) and the one before each (a fixed amount, whatever the scene's size)."""
+        if not self.scene.urls:
+            return GDAL_CACHE_MB
+        return GDAL_CACHE_MB + 2 * REMOTE_WARM_MB * self.read_workers
+
+    def _prefetch(self, chips: List[Tuple[int, int]]) -> None:
+        """Remote scenes: before a group of chips is read, fetch the tiles of every band file under the chips from
+        the group's first one on along its strip, as far as `REMOTE_WARM_MB` of decoded tiles allow, in one read
+        per band (GDAL requests the tiles in parallel; the chip reads then find them in its block cache): a few
+        round trips per strip instead of one per chip and tile. Each read thread keeps its own windows."""
+        g, size = self.grid, self.grid.chip * self.cell
+        done = getattr(self._warmed, "window", None)
+        for strip in sorted({s for s, _ in chips}):
+            cis = sorted(ci for s, ci in chips if s == strip)
+            if done and done[0] == strip and done[1] <= cis[0] and cis[-1] <= done[2]:
+                continue
+            x0, last = g.col_starts[cis[0]] * self.cell, cis[-1]
+            while last + 1 < len(g.col_starts) and self.reader.window_bytes(
+                    size, g.col_starts[last + 1] * self.cell + size - x0) <= REMOTE_WARM_MB << 20:
+                last += 1
+            self.reader.warm(g.row_starts[strip] * self.cell, x0, size, g.col_starts[last] * self.cell + size - x0)
+            done = self._warmed.window = (strip, cis[0], last)
+
     def _place(self, strip: int, ci: int, result: Any, n_absurd: int) -> None:
         self.report["absurd_pixels"] += n_absurd
         vals, wmask = self.values(result) if result is not None else (None, None)
@@ -193,8 +221,9 @@ class SceneJob:
         bar = tqdm(total=self.grid.n_chips, initial=start * ncols, unit="chip", desc=self.scene.name,
                    disable=not (self.progress and rank == 0), dynamic_ncols=True)
         try:
-            stream_chips(self.grid, start, self.batch_size, self._read, self.forward, self._place, rank, world,
-                         bar.update, self.read_workers)
+            with bounded_gdal_cache(self._cache_mb()):
+                stream_chips(self.grid, start, self.batch_size, self._read, self.forward, self._place, rank, world,
+                             bar.update, self.read_workers, self._prefetch if self.scene.urls else None)
         finally:
             if rank == 0:
                 self.close_outputs()

@@ -144,10 +144,11 @@ def owned_window(grid: ChipGrid, strip: int, ci: int, cell: int) -> Tuple[int, i
 def stream_chips(grid: ChipGrid, start: int, batch_size: int, read: Callable[[int, int], Tuple[Any, Any]],
                  forward: Callable[[List[Any]], List[Any]], place: Callable[[int, int, Any, Any], None],
                  rank: int = 0, world: int = 1, progress: Optional[Callable[[int], None]] = None,
-                 read_workers: int = 1) -> None:
+                 read_workers: int = 1, prefetch: Optional[Callable[[List[Tuple[int, int]]], None]] = None) -> None:
     """Run chips from strip `start` on. `read(strip, ci)` -> (item or None when there is nothing to compute, a
     small per-chip note) runs in `read_workers` helper threads, each reading one group ahead of the model (more
-    than one hides the latency of remote reads; `read` must then be thread-safe); `forward(items)` (full
+    than one hides the latency of remote reads; `read` must then be thread-safe), after `prefetch(chips)` (the
+    group's (strip, ci) of this rank, in the same thread: e.g. one read of their common window); `forward(items)` (full
     batches, one result per item) on every rank for its chips (chip k belongs to rank k % world);
     `place(strip, ci, result or None, note)` on rank 0 in row-major order."""
     ncols = len(grid.col_starts)
@@ -156,7 +157,10 @@ def stream_chips(grid: ChipGrid, start: int, batch_size: int, read: Callable[[in
     groups = [range(a, min(a + size, end)) for a in range(first, end, size)]
 
     def read_group(group: Sequence[int]) -> List[Tuple[int, Any, Any]]:
-        return [(k, *read(*divmod(k, ncols))) for k in group if k % world == rank]
+        mine = [k for k in group if k % world == rank]
+        if prefetch is not None and mine:
+            prefetch([divmod(k, ncols) for k in mine])
+        return [(k, *read(*divmod(k, ncols))) for k in mine]
 
     carry: List[Tuple[int, Any, Any]] = []  # this rank's chips read but not computed yet (fewer than a batch)
     ready: Dict[int, Tuple[Any, Any]] = {}  # rank 0: results waiting for their turn in row-major order
