@@ -135,6 +135,15 @@ def test_assets_choose_and_order_bands(tmp_path):
     item.write_text(json.dumps(item_dict(str(release))))
     [scene] = collect_scenes([str(item)], options=ItemOptions(("nir", "red")))
     assert scene.chn_ids == [S2_IDS[3], S2_IDS[2]] and scene.bands == ["B08", "B04"] and scene.sensor == "sentinel2"
+    # Earth Search's keys for B8A and B11 are STAC common names: registry ids, not rounded centre wavelengths
+    d = item_dict(str(release))
+    d["assets"]["nir08"] = dict(d["assets"]["nir"], **{"eo:bands": [{"name": "nir08", "common_name": "nir08",
+                                                                     "center_wavelength": 0.865}]})
+    d["assets"]["swir16"] = dict(d["assets"]["nir"], **{"eo:bands": [{"name": "swir16", "common_name": "swir16",
+                                                                      "center_wavelength": 1.61}]})
+    (tmp_path / "more.json").write_text(json.dumps(d))
+    [scene] = collect_scenes([str(tmp_path / "more.json")], options=ItemOptions(("nir08", "swir16")))
+    assert scene.bands == ["B8A", "B11"] and scene.chn_ids == [864, 1613]
     with pytest.raises(ValueError, match=r"item.json: no asset 'B99' \(--assets\); the item's assets: blue, green"):
         collect_scenes([str(item)], options=ItemOptions(("blue", "B99")))
     with pytest.raises(ValueError, match="asset 'scl' has no eo:bands"):

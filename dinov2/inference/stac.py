@@ -25,6 +25,10 @@ from dinov2.inference.scene_source import (Channel, MaskFlags, SceneSource, chec
 STAC_PLATFORMS = {"sentinel-2": "sentinel2", "sentinel2": "sentinel2", "landsat-8": "landsat8",
                   "landsat-9": "landsat9", "sentinel-1": "sentinel1", "enmap": "enmap"}
 RASTER_ASSET_SUFFIXES = (".tif", ".tiff", ".jp2")
+# STAC eo common names that are not the registry's band names (STAC names bands by wavelength: nir08 = 0.8x um)
+_LANDSAT = {"nir08": "B05", "swir16": "B06", "swir22": "B07", "lwir11": "B10", "lwir12": "B11"}
+STAC_COMMON_NAMES = {"sentinel2": {"nir08": "B8A", "nir09": "B09", "swir16": "B11", "swir22": "B12"},
+                     "landsat8": _LANDSAT, "landsat9": _LANDSAT}
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ def _channels(href: str, bands: List[Dict[str, Any]], key: str, sensor: Optional
         if sensor is not None:
             for n in names:
                 try:
-                    band_key = resolve_band(sensor, n)
+                    band_key = resolve_band(sensor, STAC_COMMON_NAMES.get(sensor, {}).get(str(n).lower(), n))
                     break
                 except ValueError:
                     continue

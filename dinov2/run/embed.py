@@ -1,12 +1,15 @@
 """`panopticon embed`: georeferenced embeddings of GeoTIFF/COG scenes with any Panopticon model.
 
-Writes, in --output-dir, `<scene>_patches.tif` (Cloud-Optimised GeoTIFF, one band per embedding dimension, one
-pixel per model patch, the input's CRS, bands named emb_000...) and `chips.parquet/<scene>.parquet` (the chip
-table: a GeoParquet dataset with one part per scene and one row per chip: WGS84 footprint and bbox, footprint in
-the scene's CRS, CLS and mean-pooled patch embeddings, source, sensor, bands, time). One run at a time
-writes a folder; re-running reuses finished scenes whose weights, settings, statistics and inputs are unchanged
-and recomputes the others. Only the files named (and, with --allow-vrt, the files their VRTs reference) are read.
-Errors are one line (exit status 2); `panopticon --debug embed ...` shows the traceback.
+Inputs: local files, their http(s)/s3/gs/az URLs, scenes YAMLs, STAC items, or the items of a STAC API search
+(--stac-api); cloud masks (--mask-*). Writes, in --output-dir (a folder, or s3:// gs:// az:// object storage),
+`<scene>_patches.tif` (Cloud-Optimised GeoTIFF, one band per embedding dimension, one pixel per model patch, the
+input's CRS, bands named emb_000...) and `chips.parquet/<scene>.parquet` (the chip table: a GeoParquet dataset
+with one part per scene and one row per chip: WGS84 footprint and bbox, footprint in the scene's CRS, CLS and
+mean-pooled patch embeddings, source, sensor, bands, time). One run at a time writes an output; re-running
+reuses finished scenes whose weights, settings, statistics and inputs are unchanged and recomputes the others.
+Only the files and URLs named (and, with --allow-vrt, the files their VRTs reference) are read. Under torchrun
+or --cluster slurm, scenes are split over ranks (docs/embed.md, "Many machines"). Errors are one line (exit
+status 2); `panopticon --debug embed ...` shows the traceback.
 """
 from __future__ import annotations
 
