@@ -25,7 +25,7 @@ def _torchrun(args, port):
            "-m", "dinov2.run.embed", *args]
     res = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    return res.stderr
+    return res.stderr + res.stdout
 
 
 def test_scenes_are_split_over_ranks_and_resumed(tmp_path):
@@ -40,6 +40,7 @@ def test_scenes_are_split_over_ranks_and_resumed(tmp_path):
     done = re.findall(r"embed: (\w) done( on rank \d/2)?", log)
     # a on rank 0 and b on rank 1 alone; c (3 mod 2 = 1 scene left) by both ranks, written by rank 0
     assert sorted(done) == [("a", " on rank 0/2"), ("b", " on rank 1/2"), ("c", "")], log[-2000:]
+    assert f"; {len(gpd.read_parquet(one / 'chips.parquet'))} chips in" in log  # counted over both ranks
     for name in "abc":
         _same_outputs(_only(one, name, tmp_path / f"one_{name}"), _only(two, name, tmp_path / f"two_{name}"), name)
     # resume: b's outputs were lost; only b is embedded again, by its rank

@@ -187,6 +187,7 @@ def test_search_and_flag_errors_are_one_line(tmp_path, capsys, monkeypatch):
             ([*search, "--mask-asset", "scl", "--mask-values", "3", "--mask-bits", "1"], "not both"),
             ([*search, "--mask-asset", "scl", "--mask-values", "x"], "--mask-values must be comma-separated"),
             ([], "nothing to read"),
+            ([*search, "--work-dir", "w"], "--work-dir is for outputs in object storage"),
         ]
         for args, want in cases:
             rc, err = _cli(capsys, *args)
@@ -235,8 +236,30 @@ def test_s3_inputs(tmp_path, run, monkeypatch):
         embed(item, "--model", run, "-o", tmp_path / "out_item")
         embed(f"{bucket}/stack.tif", "--sensor", "sentinel2", "--bands", ",".join(S2_BANDS), "--model", run, "-o",
               tmp_path / "out_url")
+        # a scenes YAML naming a file and its mask in the bucket
+        from dinov2.inference.reader import SceneReader
+        from dinov2.inference.sources import collect_scenes
+
+        (tmp_path / "scenes.yaml").write_text(json.dumps({"scenes": [
+            {"sensor": "sentinel2", "file": f"{bucket}/stack.tif", "bands": S2_BANDS,
+             "mask": {"file": f"{bucket}/scl.tif", "values": [9]}}]}))
+        [scene] = collect_scenes([str(tmp_path / "scenes.yaml")])
+        reader = SceneReader(scene)
+        arr, valid, _ = reader.read(0, 0, 112, 112)
+        reader.close()
+    np.testing.assert_array_equal(arr, DATA.astype(np.float32))
+    np.testing.assert_array_equal(valid, ~np.repeat(np.repeat(scl_mask()[0] == 9, 2, 0), 2, 1))
     assert_same(ref, name, tmp_path / "out_item", "S2A_32TMR_20240705")
     assert_same(ref, name, tmp_path / "out_url", "stack")
+
+
+def test_url_schemes_map_to_gdal_file_systems():
+    from dinov2.data.remote import gdal_path, is_url
+
+    assert gdal_path("https://h/a/b.tif?sig=1") == "/vsicurl/https://h/a/b.tif?sig=1"
+    assert [gdal_path(f"{s}://bucket/k/x.tif") for s in ("s3", "gs", "az")] == [
+        "/vsis3/bucket/k/x.tif", "/vsigs/bucket/k/x.tif", "/vsiaz/bucket/k/x.tif"]
+    assert not is_url("/vsicurl/http://h/x.tif") and not is_url("ftp://h/x.tif")
 
 
 def test_unchanged_remote_inputs_are_reused_unread_and_changed_ones_recomputed(tmp_path, run, caplog):

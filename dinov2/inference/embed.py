@@ -202,12 +202,13 @@ def _chips_dataset(output_dir: str) -> str:
 def embed(inputs, model="panopticon_vitb14", output_dir: str = "embeddings", sensor: Optional[str] = None,
           bands: Optional[Sequence[str]] = None, wavelengths_nm: Optional[Sequence[float]] = None,
           nodata: Optional[float] = None, device: Optional[str] = None, allow_vrt: bool = False,
-          **settings) -> Dict[str, Any]:
+          work_dir: Optional[str] = None, **settings) -> Dict[str, Any]:
     """Python entry point: ``embed('scene.tif', model='panopticon_vitb14', output_dir='out', sensor=..., ...)``.
 
-    `inputs`: a path or list of paths (GeoTIFFs, folders, scenes YAMLs, STAC item JSONs); `model`: anything
-    `dinov2.load_model` takes, or a loaded model; `allow_vrt`: read VRT inputs (see `dinov2.data.raster_open`);
-    `settings`: fields of `EmbedSettings`."""
+    `inputs`: a path, URL or list of them (GeoTIFFs, folders, scenes YAMLs, STAC item JSONs); `model`: anything
+    `dinov2.load_model` takes, or a loaded model; `output_dir`: a folder or ``s3://``/``gs://``/``az://`` prefix
+    (computed in `work_dir`); `allow_vrt`: read VRT inputs (see `dinov2.data.raster_open`); `settings`: fields of
+    `EmbedSettings`."""
     from dinov2.distributed import get_device
     from dinov2.hub import load_model
 
@@ -216,4 +217,4 @@ def embed(inputs, model="panopticon_vitb14", output_dir: str = "embeddings", sen
     scenes = collect_scenes([str(p) for p in paths], sensor, bands, wavelengths_nm, nodata, policy)
     net = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     return embed_scenes(scenes, net, output_dir, EmbedSettings(**settings),
-                        torch.device(device) if device else get_device(), policy)
+                        torch.device(device) if device else get_device(), policy, work_dir)
