@@ -67,18 +67,13 @@ def _finished(store: OutputStore, scene: SceneSource, key: str) -> Optional[Dict
     return None
 
 
-def _jobs(scenes: Sequence[SceneSource], make) -> List[SceneEmbedder]:
-    """`make(scene)` for every scene (opening their inputs: in parallel threads when some are remote), inputs
-    closed again; the first error is raised."""
-    def build(scene: SceneSource) -> SceneEmbedder:
-        job = make(scene)
-        job.reader.close()  # reopened when the scene runs
-        return job
-
-    if not any(s.urls for s in scenes):
-        return [build(s) for s in scenes]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(build, scenes))
+def _pmap(fn, items: Sequence[Any], parallel: bool) -> List[Any]:
+    """`fn` of every item, in threads when `parallel` (remote inputs or outputs: each call waits on the network);
+    the first error is raised."""
+    if not parallel or len(items) < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(fn, items))
 
 
 def _count(store: OutputStore, name: str, marker: Optional[Dict[str, Any]]) -> int:
@@ -130,20 +125,25 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
         os.makedirs(os.path.join(root, ".embed"), exist_ok=True)
         os.makedirs(os.path.join(root, "chips.parquet"), exist_ok=True)
 
-        def make(scene: SceneSource) -> SceneEmbedder:
-            job = SceneEmbedder(scene, model, root, settings, device, digest, policy)
-            job.store, job.request = store, keys.get(scene.name)
+        # finished scenes are skipped without opening them; every other scene's settings are checked before any work
+        keys: Dict[str, str] = {}
+        markers: Dict[int, Optional[Dict[str, Any]]] = {}
+        parallel = store.remote or any(s.urls for s in scenes)
+
+        def check(i: int) -> None:
+            keys[scenes[i].name] = request_key(scenes[i], settings, digest, ps)
+            markers[i] = _finished(store, scenes[i], keys[scenes[i].name])
+
+        def make(i: int) -> SceneEmbedder:
+            job = SceneEmbedder(scenes[i], model, root, settings, device, digest, policy)
+            job.reader.close()  # reopened when the scene runs
+            job.store, job.request = store, keys.get(scenes[i].name)
             job.progress = settings.progress and rank == 0
             return job
 
-        # every scene's settings are checked before any work; finished ones are skipped without opening them
-        keys: Dict[str, str] = {}
-        markers: Dict[int, Optional[Dict[str, Any]]] = {}
         error = None
         try:
-            for i in own + (together if rank == 0 else []):
-                keys[scenes[i].name] = request_key(scenes[i], settings, digest, ps)
-                markers[i] = _finished(store, scenes[i], keys[scenes[i].name])
+            _pmap(check, own + (together if rank == 0 else []), parallel)
         except (ValueError, OSError) as e:
             error = e
         agree(error, world)
@@ -151,7 +151,7 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
         jobs: Dict[int, SceneEmbedder] = {}
         try:
             todo = [i for i in own if markers[i] is None] + [i for i in together if not quick[i]]
-            jobs = dict(zip(todo, _jobs([scenes[i] for i in todo], make)))
+            jobs = dict(zip(todo, _pmap(make, todo, any(scenes[i].urls for i in todo))))
         except (ValueError, OSError) as e:
             error = e
         agree(error, world)
