@@ -45,6 +45,7 @@ class ServerState:
     counts: Dict[str, int] = field(default_factory=dict)  # path -> requests seen
     requests: List[Request] = field(default_factory=list)
     routes: Dict[str, Callable[["Handler", Dict[str, Any]], Tuple[int, Any]]] = field(default_factory=dict)
+    head_status: Optional[int] = None  # answer every HEAD request with this status (servers that refuse HEAD)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -132,7 +133,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:  # noqa: N802
         if self._record():
-            self._file(head=True)
+            if self.state.head_status:
+                self._send(self.state.head_status, b"", "text/plain", head=True)
+            else:
+                self._file(head=True)
 
     def do_GET(self) -> None:  # noqa: N802
         if self._record() and not self._json_route(None):

@@ -281,3 +281,22 @@ def test_unchanged_remote_inputs_are_reused_unread_and_changed_ones_recomputed(t
     assert "S2A_32TMR_20240705 is recomputed: inputs" in caplog.text
     ref, name = local_reference(tmp_path, run, new, "changed")
     assert_same(ref, name, tmp_path / "out", "S2A_32TMR_20240705")
+
+
+def test_servers_that_refuse_head_requests(tmp_path, run, monkeypatch):
+    """URLs signed for GET only (S3 presigned) refuse HEAD: GDAL is told to use GET (CPL_VSIL_CURL_USE_HEAD=NO)
+    and the identity comes from a one-byte GET."""
+    monkeypatch.setenv("CPL_VSIL_CURL_USE_HEAD", "NO")
+    release = write_release(tmp_path / "release")
+    ref, name = local_reference(tmp_path, run)
+    with LocalServer(str(release)) as srv:
+        srv.state.head_status = 403
+        item = tmp_path / "item.json"
+        item.write_text(json.dumps(item_dict(srv.url)))
+        embed(item, "--model", run, "-o", tmp_path / "out")
+        assert {r.method for r in srv.requests} == {"HEAD", "GET"}
+    assert_same(ref, name, tmp_path / "out", "S2A_32TMR_20240705")
+    marker = json.loads((tmp_path / "out" / ".embed" / "S2A_32TMR_20240705.done.json").read_text())
+    sizes = {i[0].rsplit("/", 1)[1]: i[1] for i in marker["signature"]["inputs"]}
+    assert sizes == {f"{b}.tif": (release / f"{b}.tif").stat().st_size for b in S2_BANDS}
+

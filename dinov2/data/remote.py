@@ -10,14 +10,15 @@
 
 `http_options` are the GDAL settings of remote reads: retries with exponential backoff on 429/5xx answers and
 timeouts, connection and stall timeouts, caching. Each is a default that a variable of the same name in the
-environment overrides. `remote_identity` is a remote object's identity for provenance (size and ETag or
-Last-Modified, from one HEAD request; no pixel is read).
+environment overrides (e.g. ``CPL_VSIL_CURL_USE_HEAD=NO`` for servers that refuse HEAD requests).
+`remote_identity` is a remote object's identity for provenance (size and ETag or Last-Modified, from one HEAD
+request, or a one-byte GET where HEAD is refused; no pixel is read).
 """
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 URL_PREFIXES = {"http://": "/vsicurl/", "https://": "/vsicurl/", "s3://": "/vsis3/", "gs://": "/vsigs/",
@@ -125,7 +126,7 @@ def _retry_delay() -> float:
         return 1.0
 
 
-def _http(url: str, method: str, tries: int = 6) -> Tuple[Any, bytes]:
+def _http(url: str, method: str, tries: int = 6, headers: Optional[Dict[str, str]] = None) -> Tuple[Any, bytes]:
     """(headers, body) of a HTTP request, retried with backoff on 429/5xx answers and network errors."""
     import urllib.error
     import urllib.request
@@ -133,7 +134,8 @@ def _http(url: str, method: str, tries: int = 6) -> Tuple[Any, bytes]:
     delay = _retry_delay()
     for attempt in range(tries):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=60) as r:
+            request = urllib.request.Request(url, method=method, headers=headers or {})
+            with urllib.request.urlopen(request, timeout=60) as r:
                 return r.headers, (r.read() if method == "GET" else b"")
         except urllib.error.HTTPError as e:
             if e.code not in RETRY_CODES or attempt + 1 == tries:
@@ -170,9 +172,15 @@ def remote_identity(url: str) -> List[Any]:
     """[url, size, ETag (else Last-Modified, else None)] of a remote object, from one HEAD request (retried like
     GDAL's reads); a missing object or refused request raises OSError naming the URL."""
     if url.startswith(("http://", "https://")):
-        h = _http(url, "HEAD")[0]
-        size = h.get("Content-Length")
-        head = {"size": int(size) if size is not None else None, "etag": h.get("ETag"),
+        try:
+            h = _http(url, "HEAD")[0]
+            size = h.get("Content-Length")
+        except OSError as e:  # URLs signed for GET only (S3 presigned) refuse HEAD: ask for their first byte
+            if not any(f"HTTP {code} " in str(e) for code in (403, 405)):
+                raise
+            h = _http(url, "GET", headers={"Range": "bytes=0-0"})[0]
+            size = (h.get("Content-Range") or "").rpartition("/")[2] or None
+        head = {"size": int(size) if size not in (None, "*") else None, "etag": h.get("ETag"),
                 "last_modified": h.get("Last-Modified")}
     else:
         import obstore
