@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import pathlib
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -175,7 +176,7 @@ class ObjectOutput(OutputStore):
         import obstore
 
         for p in paths:
-            self._call(p, obstore.put, p)
+            self._call(p, obstore.put, pathlib.Path(p))
         for p in paths:
             os.remove(p)
 
