@@ -35,11 +35,18 @@ def registry():
 def test_band_names_to_channel_ids():
     from dinov2.integrations.terratorch import band_chn_ids
 
+    from dinov2.data.sensors import band_info
+
+    def mu(sensor, band):  # the registry's centre wavelength of the band the name must resolve to
+        return band_info(sensor, band)["mu"]
+
     ids = band_chn_ids(["BLUE", "NIR_NARROW", "SWIR_1", "VV", "ASC_VV", "sentinel2/B8A", "landsat8/tirs1"])
-    assert ids == [492.5, 864.7, 1613.7, -1.0, -5.0, 864.7, 10847.0]
+    assert ids == [mu("sentinel2", "B02"), mu("sentinel2", "B8A"), mu("sentinel2", "B11"), -1.0, -5.0,
+                   mu("sentinel2", "B8A"), mu("landsat8", "B10")]
+    assert [int(v) for v in ids] == [492, 864, 1613, -1, -5, 864, 10847]
     from terratorch.datasets.utils import HLSBands
 
-    assert band_chn_ids([HLSBands.BLUE, HLSBands.RED]) == [492.5, 664.6]
+    assert band_chn_ids([HLSBands.BLUE, HLSBands.RED]) == [mu("sentinel2", "B02"), mu("sentinel2", "B04")]
     assert torch.get_float32_matmul_precision() == "highest"  # TerraTorch's import-time setting was undone
     with pytest.raises(ValueError, match="bare numbers"):
         band_chn_ids([3])

@@ -90,7 +90,7 @@ def test_installed_wheel_embeds_a_raster(wheel_env):
     with rasterio.open(work / "emb" / "scene_patches.tif") as src:
         assert src.count == 768 and (src.width, src.height) == (8, 8)
         assert np.isfinite(src.read(1)).all()
-    assert (work / "emb" / "chips.parquet").is_file()
+    assert (work / "emb" / "chips.parquet" / "scene.parquet").is_file()  # the chip table: one part per scene
 
 
 def test_installed_wheel_trains_debug_and_evaluates_demo(wheel_env):

@@ -78,7 +78,7 @@ def _pmap(fn, items: Sequence[Any], parallel: bool) -> List[Any]:
 
 def _count(store: OutputStore, name: str, marker: Optional[Dict[str, Any]]) -> int:
     """Chips of a finished scene, from its done marker (or, for markers of earlier versions, its local part)."""
-    n = ((marker or {}).get("report") or {}).get("n_chips")
+    n = (marker or {}).get("n_chips")
     if n is None and not store.remote:
         n = part_rows(output_paths(store.root, name)[2])
     return int(n or 0)
@@ -171,8 +171,7 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
                         logger.info("embed: %s done%s (%s)", name, f" on rank {rank}/{world}" if world > 1 and
                                     w == 1 else "", emb.report)
                 if r == 0:  # the rank that wrote (or would have written) the scene counts its chips
-                    counts += _count(store, name, markers.get(i) or (emb.marker if finished else
-                                                                     {"report": emb.report}))
+                    counts += _count(store, name, markers.get(i) or (emb.marker if finished else emb.marker_extra))
             finally:
                 if emb is not None:
                     emb.reader.close()

@@ -172,7 +172,7 @@ class SceneEmbedder(SceneJob):
                              f"--min-valid {self.s.min_valid}); nothing to embed")
         combine_shards(shards, self.table)
         finalize_cog(self.partial, self.final_tif, self.s.compress)
-        self.report["n_chips"] = write_chip_part(self.table, self.part, self.s.embedding_dtype, self.part_meta())
+        self.marker_extra["n_chips"] = write_chip_part(self.table, self.part, self.s.embedding_dtype, self.part_meta())
 
 
 def check_settings(settings: EmbedSettings) -> None:

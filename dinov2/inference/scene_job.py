@@ -61,6 +61,7 @@ class SceneJob:
         self.store: OutputStore = OutputStore(out_dir)  # where finished outputs go (see `output_store`)
         self.request: Optional[str] = None  # what the run asked for, known without opening inputs (`embed`)
         self.marker: Optional[Dict[str, Any]] = None  # the done marker `is_done` read
+        self.marker_extra: Dict[str, Any] = {}  # more facts for the done marker (embed: the chip count)
         self._warmed = threading.local()  # the window each read thread fetched last (`_prefetch`)
 
     def base_signature(self) -> Dict[str, Any]:
@@ -242,7 +243,7 @@ class SceneJob:
                                "deviations from the band mean): treated as no-data", self.kind, self.scene.name,
                                self.report["absurd_pixels"])
             atomic_json(self.done_marker, {"signature": self.signature, "finished": time.time(),
-                                           "report": self.report, "request": self.request})
+                                           "report": self.report, "request": self.request, **self.marker_extra})
             self.store.publish([*self.outputs(), self.done_marker])  # the marker last: it says all is there
             shutil.rmtree(self.work, ignore_errors=True)
 
