@@ -36,8 +36,7 @@ HTTP_DEFAULTS = {
     "GDAL_INGESTED_BYTES_AT_OPEN": "65536",  # a COG's header and tile index in the first request
     "VSI_CACHE": "TRUE",
     "VSI_CACHE_SIZE": str(16 << 20),  # per open file
-    "CPL_VSIL_CURL_CACHE_SIZE": str(256 << 20),  # downloaded ranges, shared by the process
-}
+}  # (CPL_VSIL_CURL_CACHE_SIZE, GDAL's process-wide cache of downloaded ranges, is read only when GDAL starts)
 
 
 def is_url(path: Any) -> bool:
