@@ -6,7 +6,10 @@ Work happens in ``<out>/.<kind>/<scene>/`` (raw work rasters, the overlap rows c
 (`dinov2.inference.provenance`): a stored strip or scene is reused only when its signature equals this run's,
 otherwise it is recomputed and the log says what changed. A pixel whose value is absurd (see
 `dinov2.inference.reader`) is no-data and counted once in the scene's report (``absurd_pixels`` in the done
-marker); it never aborts the scene. Subclasses define the grid, chip reading, the model and the outputs.
+marker); it never aborts the scene. Finished outputs and the marker are published through the job's `store`
+(in place for a local folder; uploaded, marker last, for object storage: `dinov2.inference.output_store`). For
+remote inputs the tiles under the coming chips are fetched ahead (`SceneJob._prefetch`). Subclasses define the
+grid, chip reading, the model and the outputs.
 """
 from __future__ import annotations
 
