@@ -146,6 +146,11 @@ def test_assets_choose_and_order_bands(tmp_path):
     assert scene.bands == ["B8A", "B11"] and scene.chn_ids == [864, 1613]
     with pytest.raises(ValueError, match=r"item.json: no asset 'B99' \(--assets\); the item's assets: blue, green"):
         collect_scenes([str(item)], options=ItemOptions(("blue", "B99")))
+    d["assets"]["visual"] = dict(d["assets"]["red"], **{"eo:bands": [{"name": n, "common_name": n} for n in
+                                                                     ("red", "green", "blue")]})
+    (tmp_path / "visual.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"same channel id 664.*choose the assets with --assets \(used: blue, green"):
+        collect_scenes([str(tmp_path / "visual.json")])  # an RGB composite repeats three bands
     with pytest.raises(ValueError, match="asset 'scl' has no eo:bands"):
         collect_scenes([str(item)], options=ItemOptions(("blue", "scl")))
     with pytest.raises(ValueError, match=r"no asset 'cloud' \(--mask-asset\)"):

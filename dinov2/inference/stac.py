@@ -144,9 +144,15 @@ def scene_from_item(item, where: str, options: ItemOptions = ItemOptions(),
             raise ValueError(f"{where}: no asset {key!r} (--mask-asset); the item's assets: {', '.join(keys)}")
         mask = options.mask.spec(_href(item.assets[key], f"{where}: mask asset {key!r}", policy))
     dt = item.datetime or props.get("start_datetime")
-    return check_unique_ids(SceneSource(
-        safe_name(item.id), sensor or "custom", chans, where, None,
-        dt.isoformat() if hasattr(dt, "isoformat") else (str(dt) if dt else None), mask=mask, clip=options.clip))
+    scene = SceneSource(safe_name(item.id), sensor or "custom", chans, where, None,
+                        dt.isoformat() if hasattr(dt, "isoformat") else (str(dt) if dt else None), mask=mask,
+                        clip=options.clip)
+    try:
+        return check_unique_ids(scene)
+    except ValueError as e:
+        if options.assets is not None:
+            raise
+        raise ValueError(f"{e}; choose the assets with --assets (used: {', '.join(chosen)})") from None
 
 
 def scene_from_stac(path: str, policy: RasterPolicy = LOCAL_ONLY, options: ItemOptions = ItemOptions()) -> SceneSource:
