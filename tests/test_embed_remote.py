@@ -305,3 +305,21 @@ def test_servers_that_refuse_head_requests(tmp_path, run, monkeypatch):
     sizes = {i[0].rsplit("/", 1)[1]: i[1] for i in marker["signature"]["inputs"]}
     assert sizes == {f"{b}.tif": (release / f"{b}.tif").stat().st_size for b in S2_BANDS}
 
+
+
+def test_a_remote_file_is_read_as_a_geotiff_only(tmp_path, run):
+    """A named URL opens as GeoTIFF/COG (JPEG 2000 by its name) only: a VRT served under a .tif name, which would
+    make GDAL read the files it names, is refused."""
+    release = write_release(tmp_path / "release")
+    local = write_tif(tmp_path / "secret.tif", DATA)
+    (release / "disguised.tif").write_text(
+        '<VRTDataset rasterXSize="112" rasterYSize="112"><VRTRasterBand dataType="UInt16" band="1"><SimpleSource>'
+        f"<SourceFilename>{local}</SourceFilename><SourceBand>1</SourceBand></SimpleSource></VRTRasterBand>"
+        "</VRTDataset>")
+    from dinov2.run.embed import main
+
+    with LocalServer(str(release)) as srv:
+        url = f"{srv.url}/disguised.tif"
+        with pytest.raises(OSError, match="disguised.tif: ValueError: GDAL cannot open it as GTiff"):
+            main([url, "--wavelengths", "490", "--model", run, "-o", str(tmp_path / "out"), *COMMON])
+    assert not (tmp_path / "out" / "disguised_patches.tif").exists()

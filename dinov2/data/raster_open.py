@@ -193,7 +193,8 @@ def open_raster(path: str, policy: RasterPolicy = LOCAL_ONLY):
         with policy.env(path):
             if driver is None:  # a named URL: JPEG 2000 by its name, else GeoTIFF/COG (never a VRT or any other)
                 jp2 = path.split("?")[0].lower().endswith(".jp2") and "JP2OpenJPEG" in policy.drivers
-                src = rasterio.open(gdal_path(path), driver="JP2OpenJPEG" if jp2 else "GTiff")
+                driver = "JP2OpenJPEG" if jp2 else "GTiff"
+                src = rasterio.open(gdal_path(path), driver=driver)
             else:
                 src = rasterio.open(path, driver=driver)
     except RasterioIOError as e:
