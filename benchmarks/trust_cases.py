@@ -191,11 +191,12 @@ for _name, (_file, _text) in _TEXT.items():
         return embed_args(w, f"{d}/{file}", f"{d}/o", bands=False), None
 
 
-@case("embed", "STAC item with a remote asset (no request may reach the server)")
+@case("embed", "STAC item whose asset href is a GDAL /vsicurl/ path, not a URL (no request may reach the server)")
 def _(w, d):
     item = {"type": "Feature", "stac_version": "1.0.0", "id": "r", "geometry": None, "links": [],
             "properties": {"datetime": "2022-01-01T00:00:00Z", "platform": "sentinel-2a"},
-            "assets": {"red": {"href": f"{w.url}/s.tif", "type": "image/tiff", "eo:bands": [{"name": "B04"}]}}}
+            "assets": {"red": {"href": f"/vsicurl/{w.url}/s.tif", "type": "image/tiff",
+                               "eo:bands": [{"name": "B04"}]}}}
     return embed_args(w, json_file(f"{d}/item.json", item), f"{d}/o", bands=False), None
 
 

@@ -41,8 +41,11 @@ class ServerState:
     root: Optional[str] = None
     latency: float = 0.0  # seconds added to every request
     failures: Dict[str, int] = field(default_factory=dict)  # path -> how many more requests answer 503
+    every: Dict[str, int] = field(default_factory=dict)  # path -> every n-th request answers 503
+    counts: Dict[str, int] = field(default_factory=dict)  # path -> requests seen
     requests: List[Request] = field(default_factory=list)
     routes: Dict[str, Callable[["Handler", Dict[str, Any]], Tuple[int, Any]]] = field(default_factory=dict)
+    head_status: Optional[int] = None  # answer every HEAD request with this status (servers that refuse HEAD)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -61,6 +64,9 @@ class Handler(BaseHTTPRequestHandler):
             left = self.state.failures.get(path, 0)
             if left:
                 self.state.failures[path] = left - 1
+            self.state.counts[path] = self.state.counts.get(path, 0) + 1
+            n = self.state.every.get(path)
+            left = left or bool(n and self.state.counts[path] % n == 0)
         if self.state.latency:
             time.sleep(self.state.latency)
         if left:
@@ -127,7 +133,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:  # noqa: N802
         if self._record():
-            self._file(head=True)
+            if self.state.head_status:
+                self._send(self.state.head_status, b"", "text/plain", head=True)
+            else:
+                self._file(head=True)
 
     def do_GET(self) -> None:  # noqa: N802
         if self._record() and not self._json_route(None):
@@ -160,6 +169,10 @@ class LocalServer:
     def fail(self, path: str, times: int) -> None:
         """The next `times` requests for `path` answer 503."""
         self.state.failures["/" + path.lstrip("/")] = times
+
+    def fail_every(self, path: str, n: int) -> None:
+        """Every `n`-th request for `path` (counted from the server's start) answers 503."""
+        self.state.every["/" + path.lstrip("/")] = n
 
     def __enter__(self) -> "LocalServer":
         self.thread.start()

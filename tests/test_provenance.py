@@ -130,7 +130,7 @@ def test_kill_swap_checkpoint_resume_equals_a_fresh_run_with_the_new_weights(tmp
     _embed(*_args(tif, write_run(tmp_path / "run1", seed=1), fresh, "--batch-size", "2", overlap="14"))
     _same_outputs(out, fresh, "long")
     marker = json.loads((out / ".embed" / "long.done.json").read_text())
-    assert marker["report"] == {"absurd_pixels": 0} and marker["signature"]["overlap"] == 1
+    assert marker["report"] == {"absurd_pixels": 0} and marker["signature"]["overlap"] == 1 and marker["n_chips"] == 90
 
 
 def test_random_init_is_seeded(tmp_path):

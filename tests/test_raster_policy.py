@@ -109,20 +109,39 @@ def test_vrt_pointing_at_a_url_is_refused_and_nothing_is_fetched(tmp_path, serve
     assert requests()
 
 
-def test_stac_item_with_a_remote_asset_fetches_nothing(tmp_path, server):
+def test_stac_item_names_its_remote_asset_and_nothing_else_is_fetched(tmp_path, server):
+    """Naming a STAC item names its asset URLs: they are read (and equal the local file); an href that is a GDAL
+    /vsi path, not a URL, is refused before any request."""
     pystac = pytest.importorskip("pystac")
     import datetime as dt
 
     url, requests = server
-    item = pystac.Item("remote_item", geometry=None, bbox=None, datetime=dt.datetime(2022, 5, 3),
-                       properties={"platform": "sentinel-2a"})
-    item.add_asset("red", pystac.Asset(f"{url}/served.tif", media_type=pystac.MediaType.GEOTIFF,
-                                       extra_fields={"eo:bands": [{"name": "B04"}]}))
-    path = tmp_path / "item.json"
-    path.write_text(json.dumps(item.to_dict(include_self_link=False)))
-    _one_line_error(_cli("embed", str(path), "--model", write_run(tmp_path / "run"), "-o", str(tmp_path / "o")),
-                    "is remote", "item.json")
+    run = write_run(tmp_path / "run")
+
+    def item_file(href, name):
+        item = pystac.Item(name, geometry=None, bbox=None, datetime=dt.datetime(2022, 5, 3),
+                           properties={"platform": "sentinel-2a"})
+        item.add_asset("stack", pystac.Asset(href, media_type=pystac.MediaType.GEOTIFF, extra_fields={
+            "eo:bands": [{"name": b} for b in S2_BANDS]}))
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(item.to_dict(include_self_link=False)))
+        return str(path)
+
+    _one_line_error(_cli("embed", item_file(f"/vsicurl/{url}/served.tif", "vsi"), "--model", run, "-o",
+                         str(tmp_path / "o")), "vsi.json", "neither a local file nor")
     assert requests() == []
+    from dinov2.run.embed import main
+
+    assert main([item_file(f"{url}/served.tif", "served"), "--model", run, "--chip-size", "56",
+                 "--overlap", "0", "-o", str(tmp_path / "remote"), "--no-progress"]) == 0
+    assert requests() and all(r.split()[1] == "/served.tif" for r in requests())
+    local = tmp_path / "local"
+    local.mkdir()
+    os.link(tmp_path / "served.tif", local / "served.tif")
+    assert main(_embed_args(local / "served.tif", run, tmp_path / "o_local")[1:]) == 0
+    with rasterio.open(tmp_path / "remote" / "served_patches.tif") as a, \
+            rasterio.open(tmp_path / "o_local" / "served_patches.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
 
 
 def test_side_files_are_not_read(tmp_path):

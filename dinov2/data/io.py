@@ -153,6 +153,30 @@ class LazyHandles:
                 self._handles[path] = h
             return h
 
+    def open_all(self, paths, threads: int = 8) -> None:
+        """Open every path of `paths` not open yet, several at once (remote files: one round trip for all)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._lock:
+            missing = list(dict.fromkeys(p for p in paths if self._pid != os.getpid() or p not in self._handles))
+        if len(missing) < 2:
+            return
+
+        def open_one(path: str) -> Any:
+            try:
+                return self._opener(path)
+            except Exception as e:
+                raise UnreadableFileError(path, e) from e
+
+        with ThreadPoolExecutor(max_workers=min(threads, len(missing))) as pool:
+            opened = list(pool.map(open_one, missing))
+        with self._lock:
+            if self._pid != os.getpid():
+                self._handles, self._pid = {}, os.getpid()
+            extra = [h for path, h in zip(missing, opened) if self._handles.setdefault(path, h) is not h]
+        for h in extra:  # opened meanwhile by another caller
+            h.close()
+
     def close(self) -> None:
         """Close this process's handles."""
         with self._lock:

@@ -8,8 +8,10 @@ fetching anything else:
   ``.ovr``/``.msk`` overviews and masks, or world files are discovered), ``GDAL_PAM_ENABLED=NO`` (no PAM
   ``.aux.xml`` read or written), ``GDAL_GEOREF_SOURCES=INTERNAL``;
 - no network for local inputs: ``CPL_VSIL_CURL_ALLOWED_FILENAME`` set to a name no URL has, so every curl-based
-  virtual file system (``/vsicurl/``, ``/vsis3/``, ...) refuses to open anything; remote paths that the user
-  named (`RasterPolicy.urls`, the extension point for remote inputs) are the only exception;
+  virtual file system (``/vsicurl/``, ``/vsis3/``, ...) refuses to open anything; the URLs the user named
+  (`RasterPolicy.urls`: inputs on the command line, in a scenes YAML, asset hrefs of STAC items the user named or
+  searched for) are the only exception, each opened with exactly its own name allowed, as a GeoTIFF/COG or
+  JPEG 2000 only (never a VRT: its references could not be checked), under `dinov2.data.remote.http_options`;
 - VRTs: refused unless ``allow_vrt``; then every file a VRT references is checked by the same policy before GDAL
   sees it (local regular files of allowed formats only, no ``/vsi*``, URLs or driver prefixes), raw-raster
   bands (``GDAL_VRT_ENABLE_RAWRASTERBAND=NO``) and Python pixel functions (``GDAL_VRT_ENABLE_PYTHON=NO``) are
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from dinov2.data.io import UnreadableFileError
+from dinov2.data.remote import gdal_path, http_options, is_url
 
 INPUT_DRIVERS = ("GTiff", "JP2OpenJPEG")  # COGs are GeoTIFFs; JP2 for Sentinel-2 band files
 NO_NETWORK = "/vsicurl/panopticon-read-only-what-the-user-named"  # matches no real URL
@@ -55,21 +58,31 @@ class RasterPolicy:
         return list(self.drivers) + (["VRT"] if self.allow_vrt else [])
 
     def is_named_url(self, path: str) -> bool:
-        return str(path) in self.urls
+        return str(path) in self.urls and is_url(path)
 
-    def gdal_options(self) -> Dict[str, str]:
+    def with_urls(self, urls) -> "RasterPolicy":
+        """This policy with `urls` named too (URLs the user gave; other remote paths are ignored)."""
+        import dataclasses
+
+        return dataclasses.replace(self, urls=frozenset(self.urls) | {str(u) for u in urls if is_url(u)})
+
+    def gdal_options(self, opening: Optional[str] = None) -> Dict[str, str]:
+        """GDAL settings of reads under this policy; `opening`: the named URL being opened (the only name GDAL
+        may then fetch; reads of opened files need no name)."""
         opts = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_PAM_ENABLED": "NO",
                 "GDAL_GEOREF_SOURCES": "INTERNAL", "GDAL_VRT_ENABLE_RAWRASTERBAND": "NO",
-                "GDAL_VRT_ENABLE_PYTHON": "NO"}
-        if not self.urls:
-            opts["CPL_VSIL_CURL_ALLOWED_FILENAME"] = NO_NETWORK
+                "GDAL_VRT_ENABLE_PYTHON": "NO", "CPL_VSIL_CURL_ALLOWED_FILENAME": NO_NETWORK}
+        if self.urls:
+            opts.update(http_options())
+        if opening is not None and self.is_named_url(opening):
+            opts["CPL_VSIL_CURL_ALLOWED_FILENAME"] = gdal_path(opening)
         return opts
 
-    def env(self):
+    def env(self, opening: Optional[str] = None):
         """rasterio.Env with `gdal_options` (wrap opens and reads of input rasters in it)."""
         import rasterio
 
-        return rasterio.Env(**self.gdal_options())
+        return rasterio.Env(**self.gdal_options(opening))
 
 
 LOCAL_ONLY = RasterPolicy()
@@ -141,7 +154,7 @@ def _vrt_sources(path: str) -> List[Tuple[str, str]]:
 
 def check_raster(path: str, policy: RasterPolicy = LOCAL_ONLY, _depth: int = 0) -> Optional[str]:
     """Refuse `path` unless the policy allows reading it (see the module docstring); returns the GDAL driver to
-    open it with (None for a named URL: GDAL identifies it). Does not open it in GDAL."""
+    open it with (None for a named URL: GDAL tells GeoTIFF from JPEG 2000). Does not open it in GDAL."""
     if is_remote(path):
         if policy.is_named_url(path):
             return None
@@ -177,8 +190,13 @@ def open_raster(path: str, policy: RasterPolicy = LOCAL_ONLY):
     path = str(path)
     driver = check_raster(path, policy)
     try:
-        with policy.env():
-            src = rasterio.open(path, driver=driver)
+        with policy.env(path):
+            if driver is None:  # a named URL: JPEG 2000 by its name, else GeoTIFF/COG (never a VRT or any other)
+                jp2 = path.split("?")[0].lower().endswith(".jp2") and "JP2OpenJPEG" in policy.drivers
+                driver = "JP2OpenJPEG" if jp2 else "GTiff"
+                src = rasterio.open(gdal_path(path), driver=driver)
+            else:
+                src = rasterio.open(path, driver=driver)
     except RasterioIOError as e:
         raise UnreadableFileError(path, ValueError(f"GDAL cannot open it as {driver or 'a raster'}: {e}")) from None
     complex_types = [d for d in src.dtypes if str(d).startswith("complex")]

@@ -213,10 +213,11 @@ def part_rows(path: str) -> int:
 
 
 def check_compatible(parts: Sequence[str], expected: Dict[str, Any], keys=("format", "model_digest",
-                                                                          "embedding_dtype")) -> None:
-    """Refuse to mix parts that differ from `expected` in `keys` (e.g. another model's embeddings)."""
+                                                                          "embedding_dtype"), info_of=None) -> None:
+    """Refuse to mix parts that differ from `expected` in `keys` (e.g. another model's embeddings); `info_of`
+    reads a part's metadata (default `part_info`; object storage passes its own)."""
     for p in parts:
-        info = part_info(p)
+        info = (info_of or part_info)(p)
         diff = {k: (info.get(k), expected.get(k)) for k in keys if info.get(k) != expected.get(k)}
         if diff:
             what = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in diff.items())

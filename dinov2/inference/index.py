@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from dinov2.inference.chips_table import chip_parts, decode_embeddings, open_part, part_info, valid_rows
+from dinov2.inference.output_store import local_chips
 
 logger = logging.getLogger("dinov2")
 INDEX_FORMAT = "panopticon-index/1"
@@ -116,6 +117,7 @@ def build_index(chips: str, embeddings: Sequence[str] = ("mean",), settings: Opt
     from dinov2.utils.progress import progress_bar
 
     Index = load_usearch()
+    chips = local_chips(chips)  # object storage: a local mirror of its parts, updated
     settings = settings or IndexSettings()
     if settings.dtype not in INDEX_DTYPES:
         raise ValueError(f"index dtype must be one of {', '.join(INDEX_DTYPES)}, got {settings.dtype!r}")

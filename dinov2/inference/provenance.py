@@ -3,7 +3,8 @@ scene (or a finished strip of an interrupted one) is reused only when it provabl
 
 A signature is a JSON-able dict: the weights' content digest (never their path; random-init weights are seeded,
 so their digest is fixed too), tiling and validity settings, the normalisation statistics' values, precision,
-model input size, the input files' identity (absolute path, size, modification time) and a format version;
+model input size, the input files' identity (absolute path, size, modification time; for URLs size and ETag or
+Last-Modified), the mask and clip box when given, and a format version;
 `predict` adds its head file's digest. `changes` names what differs, for the log line of a recomputed scene.
 """
 from __future__ import annotations
@@ -17,9 +18,22 @@ STATS_VERSION = 1  # version of the scene statistics algorithm (robust mean/std 
 
 
 def input_identity(paths: Sequence[str]) -> List[List[Any]]:
-    """[absolute path, size, mtime in ns] of each local input file."""
+    """[absolute path, size, mtime in ns] of each local input file; [URL, size, ETag or Last-Modified] of each
+    remote one (one HEAD request each, no pixel read)."""
+    from dinov2.data.remote import is_url, remote_identity
+
+    urls = [p for p in paths if is_url(p)]
+    remote = {}
+    if urls:  # all HEAD requests at once: one round trip, whatever the number of files
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+            remote = dict(zip(urls, pool.map(remote_identity, urls)))
     out = []
     for p in paths:
+        if is_url(p):
+            out.append(remote[p])
+            continue
         st = os.stat(p)
         out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
     return out

@@ -14,6 +14,8 @@ neighbours), become no-data, and are reported so that callers can count them. In
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -22,12 +24,14 @@ import numpy as np
 from dinov2.data.io import LazyHandles, read_raster_band
 from dinov2.data.normalize import robust_band_stats
 from dinov2.data.raster_open import LOCAL_ONLY, RasterPolicy, named_opener
+from dinov2.data.remote import clear_cached
 from dinov2.data.tiling import RasterGroup, common_extent
 from dinov2.inference.sources import SceneSource
 
 STATS_MAX_SIDE = 1024  # decimated read for scene statistics (long side in pixels)
 ABSURD_VALUE = 1e10  # |value| beyond this is no pixel value of any Earth-observation band
 ABSURD_Z = 1e4  # normalised |value| beyond this (standard deviations from the mean) is not data either
+WARM_THREADS = 8  # files of a remote scene fetched at once by `SceneReader.warm`
 
 
 @dataclass
@@ -48,15 +52,24 @@ def _resampling(name: str):
 
 
 class SceneReader:
-    """Reads windows of a scene's bands on its reference grid. Not thread-safe: use from one thread at a time."""
+    """Reads windows of a scene's bands on its reference grid. Each thread reads through its own GDAL handles (a
+    GDAL dataset must not be used by two threads at once), so windows may be read from several threads."""
 
     def __init__(self, scene: SceneSource, policy: Optional[RasterPolicy] = None):
-        self.scene, self.policy = scene, policy or LOCAL_ONLY
-        self._handles = LazyHandles(named_opener(self.policy))
+        # the scene's URLs were named by the user (command line, scenes YAML, STAC item); nothing else is fetched
+        self.scene, self.policy = scene, (policy or LOCAL_ONLY).with_urls(scene.urls)
+        with self.policy.env():  # (GDAL sizes its download cache from these settings when first used)
+            clear_cached(scene.urls)  # a remote file that changed since an earlier run in this process is read anew
+        self._local = threading.local()
+        self._all_handles: List[LazyHandles] = []
+        self._lock = threading.Lock()
+        self._warmers: Optional[ThreadPoolExecutor] = None
         groups: Dict[Tuple, RasterGroup] = {}
         self._chan_group: List[Tuple] = []
         self.crs = None
         nodatas = []
+        if scene.urls:  # remote files opened together: one round trip instead of one per file
+            self._handles.open_all(scene.input_files)
         for ch in scene.channels:
             src = self._handles.get(ch.path)
             if ch.index > src.count:
@@ -80,6 +93,8 @@ class SceneReader:
         self.nodata = [None if v is None else float(v) for v in nodatas]
         left, bottom, right, top = common_extent(list(groups.values()))
         fine = min(groups.values(), key=lambda g: g.res)
+        if scene.clip is not None:
+            left, bottom, right, top = self._clipped(fine, left, bottom, right, top)
         res = fine.res
         col0 = math.ceil((left - fine.left) / res - 1e-6)
         row0 = math.ceil((fine.top - top) / res - 1e-6)
@@ -88,6 +103,53 @@ class SceneReader:
                             int(math.floor((gt - bottom) / res + 1e-6)))
         if self.grid.width < 1 or self.grid.height < 1:
             raise ValueError(f"scene {scene.name}: the bands share no whole pixel")
+        self.mask_group = self._open_mask() if scene.mask is not None else None
+
+    @property
+    def _handles(self) -> LazyHandles:
+        """This thread's open files."""
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = LazyHandles(named_opener(self.policy))
+            with self._lock:
+                self._all_handles.append(handles)
+        return handles
+
+    def _clipped(self, fine: RasterGroup, left: float, bottom: float, right: float,
+                 top: float) -> Tuple[float, float, float, float]:
+        """The extent cut to the scene's WGS84 clip box (in the scene's CRS), grown to whole pixels of the finest
+        grid so that every pixel the box touches stays."""
+        from rasterio.warp import transform_bounds
+
+        w, s, e, n = transform_bounds("EPSG:4326", self.crs, *self.scene.clip, densify_pts=21)
+        r, x0, y0 = fine.res, fine.left, fine.top
+        w, e = x0 + math.floor((w - x0) / r + 1e-6) * r, x0 + math.ceil((e - x0) / r - 1e-6) * r
+        n, s = y0 - math.floor((y0 - n) / r + 1e-6) * r, y0 - math.ceil((y0 - s) / r - 1e-6) * r
+        box = (max(left, w), max(bottom, s), min(right, e), min(top, n))
+        if box[0] >= box[2] or box[1] >= box[3]:
+            raise ValueError(f"scene {self.scene.name} does not intersect the clip box {list(self.scene.clip)} "
+                             "(--bbox with --clip)")
+        return box
+
+    def _open_mask(self) -> RasterGroup:
+        """The mask raster's grid; it must be in the scene's CRS and cover the reference grid."""
+        m = self.scene.mask
+        src = self._handles.get(m.path)
+        what = f"scene {self.scene.name}: mask {m.path}"
+        if m.index > src.count:
+            raise ValueError(f"{what} has {src.count} bands, band {m.index} requested")
+        if src.crs != self.crs:
+            raise ValueError(f"{what} has CRS {src.crs}, the bands {self.crs}")
+        t = src.transform
+        if abs(t.b) > 1e-9 or abs(t.d) > 1e-9 or t.e >= 0 or abs(abs(t.e) - t.a) > 1e-6 * t.a:
+            raise ValueError(f"{what} is not a north-up raster with square pixels ({t})")
+        g = RasterGroup(t.a, t.c, t.f, src.width, src.height)
+        r = self.grid
+        tol = 1e-6 * r.res
+        if (g.left > r.left + tol or g.top < r.top - tol or g.left + g.width * g.res < r.left + r.width * r.res - tol
+                or g.top - g.height * g.res > r.top - r.height * r.res + tol):
+            raise ValueError(f"{what} does not cover the scene's extent")
+        return g
 
     @property
     def transform(self):
@@ -98,22 +160,76 @@ class SceneReader:
 
     def _read_channel(self, ci: int, row: float, col: float, h: int, w: int, out_h: int, out_w: int) -> np.ndarray:
         """A band's window in its own dtype (absurd values are found before conversion to float32)."""
+        ch = self.scene.channels[ci]
+        return self._read_band(ch.path, ch.index, self.groups[self._chan_group[ci]], row, col, h, w, out_h, out_w)
+
+    def _read_band(self, path: str, index: int, g: RasterGroup, row: float, col: float, h: int, w: int, out_h: int,
+                   out_w: int, categorical: bool = False) -> np.ndarray:
+        """Band `index` of `path` (grid `g`) over a window of the reference grid, resampled onto it (nearest for
+        `categorical` values such as masks, else bilinear up / average down)."""
         from rasterio.windows import Window
 
-        ch = self.scene.channels[ci]
-        g = self.groups[self._chan_group[ci]]
-        src = self._handles.get(ch.path)
+        src = self._handles.get(path)
         x0 = self.grid.left + col * self.grid.res
         y0 = self.grid.top - row * self.grid.res
         gc, gr = (x0 - g.left) / g.res, (g.top - y0) / g.res
         gw, gh = w * self.grid.res / g.res, h * self.grid.res / g.res
         same = abs(g.res - self.grid.res) < 1e-9 and abs(gc - round(gc)) < 1e-6 and abs(gr - round(gr)) < 1e-6
         if same and out_h == h and out_w == w:
-            return read_raster_band(src, ch.path, ch.index, window=Window(int(round(gc)), int(round(gr)), w, h))
+            return read_raster_band(src, path, index, window=Window(int(round(gc)), int(round(gr)), w, h))
         gc, gr = max(gc, 0.0), max(gr, 0.0)
         gw, gh = min(gw, g.width - gc), min(gh, g.height - gr)
-        return read_raster_band(src, ch.path, ch.index, window=Window(gc, gr, gw, gh), out_shape=(out_h, out_w),
-                                resampling=_resampling("bilinear" if not same else "average"))
+        how = "nearest" if categorical else "bilinear" if not same else "average"
+        return read_raster_band(src, path, index, window=Window(gc, gr, gw, gh), out_shape=(out_h, out_w),
+                                resampling=_resampling(how))
+
+    def window_bytes(self, h: int, w: int) -> int:
+        """Decoded bytes of the blocks (tiles) of every band file that a `h` x `w` window may touch: what GDAL's
+        block cache must hold for `warm` to serve the chips inside the window."""
+        total = 0
+        for path in dict.fromkeys([*self.scene.input_files]):
+            src = self._handles.get(path)
+            bh, bw = src.block_shapes[0]
+            res = abs(src.transform.a)
+            rows = math.ceil(h * self.grid.res / res / bh) + 1
+            cols = math.ceil(w * self.grid.res / res / bw) + 1
+            total += rows * cols * bh * bw * src.count * np.dtype(src.dtypes[0]).itemsize
+        return total
+
+    def warm(self, row: int, col: int, h: int, w: int) -> None:
+        """Read a window of every band file (and the mask) at its own resolution and discard it: GDAL fetches its
+        tiles at once (parallel range requests for remote files) into this thread's block cache, where the reads
+        of the chips inside it find them. Values are unaffected: chips are read as always."""
+        from rasterio.windows import Window
+
+        h, w = min(h, self.grid.height - row), min(w, self.grid.width - col)
+        todo = {(ch.path, ch.index): self.groups[key] for ch, key in zip(self.scene.channels, self._chan_group)}
+        if self.mask_group is not None:
+            todo[(self.scene.mask.path, self.scene.mask.index)] = self.mask_group
+        x0, y0 = self.grid.left + col * self.grid.res, self.grid.top - row * self.grid.res
+        by_file: Dict[str, List[Tuple[int, Window]]] = {}
+        for (path, index), g in todo.items():
+            c0, r0 = max(0, math.floor((x0 - g.left) / g.res)), max(0, math.floor((g.top - y0) / g.res))
+            c1 = min(g.width, math.ceil((x0 + w * self.grid.res - g.left) / g.res))
+            r1 = min(g.height, math.ceil((g.top - y0 + h * self.grid.res) / g.res))
+            if c1 > c0 and r1 > r0:
+                by_file.setdefault(path, []).append((index, Window(c0, r0, c1 - c0, r1 - r0)))
+        handles = {path: self._handles.get(path) for path in by_file}  # this thread's: its reads hit the cache
+
+        def fetch(path: str) -> None:
+            with self.policy.env():
+                for index, window in by_file[path]:
+                    read_raster_band(handles[path], path, index, window=window)
+
+        if len(by_file) == 1:
+            fetch(next(iter(by_file)))
+            return
+        # files at once: each dataset is used by one thread at a time (GDAL's rule), all files' requests in flight
+        if self._warmers is None:
+            with self._lock:
+                self._warmers = self._warmers or ThreadPoolExecutor(max_workers=WARM_THREADS)
+        for f in [self._warmers.submit(fetch, path) for path in by_file]:
+            f.result()
 
     def read(self, row: int, col: int, h: int, w: int, out_h: Optional[int] = None,
              out_w: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -139,6 +255,10 @@ class SceneReader:
                     absurd |= np.abs(band.astype(np.float64)) > ABSURD_VALUE
                 with np.errstate(over="ignore", invalid="ignore"):
                     arr[ci] = band
+            if self.mask_group is not None:  # cloud / quality mask: its marked pixels are no-data
+                m = self.scene.mask
+                valid &= ~m.masked(self._read_band(m.path, m.index, self.mask_group, row, col, h, w, out_h, out_w,
+                                                   categorical=True))
         absurd &= valid
         return arr, valid & ~absurd, absurd
 
@@ -179,4 +299,12 @@ class SceneReader:
         return arr.astype(np.float32, copy=False), valid, inside, absurd
 
     def close(self) -> None:
-        self._handles.close()
+        """Close the files of every thread (call when no thread reads any more)."""
+        with self._lock:
+            handles, self._all_handles = self._all_handles, []
+            warmers, self._warmers = self._warmers, None
+        if warmers is not None:
+            warmers.shutdown()
+        for h in handles:
+            h.close()
+        self._local = threading.local()

@@ -6,7 +6,10 @@ Work happens in ``<out>/.<kind>/<scene>/`` (raw work rasters, the overlap rows c
 (`dinov2.inference.provenance`): a stored strip or scene is reused only when its signature equals this run's,
 otherwise it is recomputed and the log says what changed. A pixel whose value is absurd (see
 `dinov2.inference.reader`) is no-data and counted once in the scene's report (``absurd_pixels`` in the done
-marker); it never aborts the scene. Subclasses define the grid, chip reading, the model and the outputs.
+marker); it never aborts the scene. Finished outputs and the marker are published through the job's `store`
+(in place for a local folder; uploaded, marker last, for object storage: `dinov2.inference.output_store`). For
+remote inputs the tiles under the coming chips are fetched ahead (`SceneJob._prefetch`). Subclasses define the
+grid, chip reading, the model and the outputs.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -21,13 +25,16 @@ import numpy as np
 
 from dinov2.inference.grid import ChipGrid
 from dinov2.inference.normstats import resolve_stats
+from dinov2.inference.output_store import OutputStore
 from dinov2.inference.provenance import FORMAT_VERSION, changes, input_identity, norm_identity
 from dinov2.inference.reader import SceneReader
 from dinov2.inference.sources import SceneSource
 from dinov2.inference.stream import StreamBlender, broadcast, owned_window, stream_chips
-from dinov2.inference.writers import atomic_json, read_json
+from dinov2.inference.writers import GDAL_CACHE_MB, atomic_json, bounded_gdal_cache, read_json
 
 logger = logging.getLogger("dinov2")
+REMOTE_READ_WORKERS = 1
+REMOTE_WARM_MB = 256  # decoded tiles one read worker fetches ahead of the chips of a remote scene
 
 
 class SceneJob:
@@ -52,14 +59,26 @@ class SceneJob:
         if norm_stats != "scene" or (scene.mean is not None and scene.std is not None):
             self.stats = resolve_stats(norm_stats, scene, reader)
         self.report: Dict[str, Any] = {"absurd_pixels": 0}
+        # threads reading chips ahead of the model: remote reads wait on the network, local ones hardly at all
+        self.read_workers = REMOTE_READ_WORKERS if scene.urls else 1
+        self.store: OutputStore = OutputStore(out_dir)  # where finished outputs go (see `output_store`)
+        self.request: Optional[str] = None  # what the run asked for, known without opening inputs (`embed`)
+        self.marker: Optional[Dict[str, Any]] = None  # the done marker `is_done` read
+        self.marker_extra: Dict[str, Any] = {}  # more facts for the done marker (embed: the chip count)
+        self._warmed = threading.local()  # the window each read thread fetched last (`_prefetch`)
 
     def base_signature(self) -> Dict[str, Any]:
         """Signature entries every job has (subclasses add theirs)."""
         stats = self.stats or (None, None)
-        return {"format": FORMAT_VERSION, "kind": self.kind, "bands": self.scene.bands,
-                "chn_ids": self.scene.chn_ids, "inputs": input_identity(self.scene.files),
-                "nodata": [v if v is None or v == v else "nan" for v in self.reader.nodata],  # NaN != NaN
-                "norm": norm_identity(self.norm_mode, *stats)}
+        sig = {"format": FORMAT_VERSION, "kind": self.kind, "bands": self.scene.bands,
+               "chn_ids": self.scene.chn_ids, "inputs": input_identity(self.scene.input_files),
+               "nodata": [v if v is None or v == v else "nan" for v in self.reader.nodata],  # NaN != NaN
+               "norm": norm_identity(self.norm_mode, *stats)}
+        if self.scene.mask is not None:  # only when given: signatures of earlier outputs stay as they were
+            sig["mask"] = self.scene.mask.signature()
+        if self.scene.clip is not None:
+            sig["clip"] = list(self.scene.clip)
+        return sig
 
     # ------------------------------------------------------------------ subclass interface
     def chip_item(self, strip: int, ci: int, arr: np.ndarray, valid: np.ndarray, inside: np.ndarray) -> Any:
@@ -107,11 +126,13 @@ class SceneJob:
     signature: Dict[str, Any]
 
     def is_done(self) -> bool:
-        marker = read_json(self.done_marker)
-        if marker and marker.get("signature") != self.signature and all(map(os.path.isfile, self.outputs())):
+        """True when the scene's outputs exist (in the store) with this run's signature."""
+        marker = self.store.read_json(self.done_marker)
+        if marker and marker.get("signature") != self.signature and all(map(self.store.exists, self.outputs())):
             logger.info("%s: %s is recomputed: %s", self.kind, self.scene.name,
                         changes(marker.get("signature"), self.signature))
-        return bool(marker and marker.get("signature") == self.signature and all(map(os.path.isfile,
+        self.marker = marker
+        return bool(marker and marker.get("signature") == self.signature and all(map(self.store.exists,
                                                                                      self.outputs())))
 
     def _resume_point(self) -> Tuple[int, Optional[Dict[str, Any]]]:
@@ -124,9 +145,7 @@ class SceneJob:
         if os.path.isdir(self.work):
             shutil.rmtree(self.work)
         # outputs of other settings must not look finished while this run recomputes them
-        for stale in (self.done_marker, *self.stale_outputs()):
-            if os.path.exists(stale):
-                os.remove(stale)
+        self.store.remove([self.done_marker, *self.stale_outputs()])
         os.makedirs(self.work)
         return 0, None
 
@@ -137,6 +156,31 @@ class SceneJob:
         arr, valid, inside, absurd = self.reader.chip(row, col, self.grid.chip * self.cell, self.mean, self.std)
         oh, ow = owned_window(self.grid, strip, ci, self.cell)
         return self.chip_item(strip, ci, arr, valid, inside), int(absurd[:oh, :ow].sum())
+
+    def _cache_mb(self) -> int:
+        """GDAL's block cache for the run: the default bound, or for remote scenes room for the windows that the
+        read workers prefetch (`_prefetch`) and the one before each (a fixed amount, whatever the scene's size)."""
+        if not self.scene.urls:
+            return GDAL_CACHE_MB
+        return GDAL_CACHE_MB + 2 * REMOTE_WARM_MB * self.read_workers
+
+    def _prefetch(self, chips: List[Tuple[int, int]]) -> None:
+        """Remote scenes: before a group of chips is read, fetch the tiles of every band file under the chips from
+        the group's first one on along its strip, as far as `REMOTE_WARM_MB` of decoded tiles allow, in one read
+        per band (GDAL requests the tiles in parallel; the chip reads then find them in its block cache): a few
+        round trips per strip instead of one per chip and tile. Each read thread keeps its own windows."""
+        g, size = self.grid, self.grid.chip * self.cell
+        done = getattr(self._warmed, "window", None)
+        for strip in sorted({s for s, _ in chips}):
+            cis = sorted(ci for s, ci in chips if s == strip)
+            if done and done[0] == strip and done[1] <= cis[0] and cis[-1] <= done[2]:
+                continue
+            x0, last = g.col_starts[cis[0]] * self.cell, cis[-1]
+            while last + 1 < len(g.col_starts) and self.reader.window_bytes(
+                    size, g.col_starts[last + 1] * self.cell + size - x0) <= REMOTE_WARM_MB << 20:
+                last += 1
+            self.reader.warm(g.row_starts[strip] * self.cell, x0, size, g.col_starts[last] * self.cell + size - x0)
+            done = self._warmed.window = (strip, cis[0], last)
 
     def _place(self, strip: int, ci: int, result: Any, n_absurd: int) -> None:
         self.report["absurd_pixels"] += n_absurd
@@ -181,13 +225,18 @@ class SceneJob:
         bar = progress_bar(total=self.grid.n_chips, initial=start * ncols, unit="chip", desc=self.scene.name,
                            enabled=self.progress and rank == 0)
         try:
-            stream_chips(self.grid, start, self.batch_size, self._read, self.forward, self._place, rank, world,
-                         bar.update)
+            with bounded_gdal_cache(self._cache_mb()):
+                stream_chips(self.grid, start, self.batch_size, self._read, self.forward, self._place, rank, world,
+                             bar.update, self.read_workers, self._prefetch if self.scene.urls else None)
         finally:
             if rank == 0:
                 self.close_outputs()
             bar.close()
         if rank == 0:
+            if input_identity(self.scene.input_files) != self.signature["inputs"]:
+                raise ValueError(f"{self.kind}: an input of {self.scene.name} changed while it was read "
+                                 f"({', '.join(self.scene.input_files)}); run again to compute it from the new "
+                                 "version")
             self.finish()
             if self.report.get("nonfinite_model_outputs"):
                 logger.warning("%s: the model gave non-finite outputs for %d cells of %s: written as no-data",
@@ -197,7 +246,8 @@ class SceneJob:
                                "deviations from the band mean): treated as no-data", self.kind, self.scene.name,
                                self.report["absurd_pixels"])
             atomic_json(self.done_marker, {"signature": self.signature, "finished": time.time(),
-                                           "report": self.report})
+                                           "report": self.report, "request": self.request, **self.marker_extra})
+            self.store.publish([*self.outputs(), self.done_marker])  # the marker last: it says all is there
             shutil.rmtree(self.work, ignore_errors=True)
 
 

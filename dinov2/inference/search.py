@@ -19,6 +19,7 @@ import numpy as np
 
 from dinov2.inference.chips_table import chip_parts, decode_embeddings, open_part, valid_rows
 from dinov2.inference.index import EMBEDDINGS, META_COLUMNS, ChipIndex, index_status
+from dinov2.inference.output_store import local_chips
 
 logger = logging.getLogger("dinov2")
 EXACT_CANDIDATES = 20000  # a filter leaving at most this many chips is answered exactly from the index's vectors
@@ -192,6 +193,7 @@ def search_chips(chips: str, k: int = 10, chip_id: Optional[str] = None,
     (``START/END``), as a DataFrame sorted by cosine `similarity` (the query itself first when it passes the
     filters). Uses the index of ``panopticon index`` when it is current, unless `exact`."""
     import pandas as pd
+    chips = local_chips(chips)  # object storage: a local mirror of its parts, updated
 
     column = EMBEDDINGS.get(embedding)
     if column is None:

@@ -2,7 +2,7 @@
 row-major order, across ranks, with memory that does not grow with the scene.
 
 A grid cell is what one output pixel covers: a model patch for embeddings, a scene pixel for class maps. Chips
-are read a batch per rank at a time (the next group prefetched in a helper thread), run through the model in full
+are read a batch per rank at a time (the next groups prefetched in helper threads), run through the model in full
 batches, gathered on rank 0 and blended there, chip by chip, by `StreamBlender`, which hands every part of the
 map that no later chip touches to a `sink` at once (positional writes into raw work files) and keeps only one
 chip-sized window plus the overlap rows a strip of chips leaves to the next.
@@ -38,6 +38,24 @@ def gather(obj: Any, rank: int, world: int) -> List[Any]:
     out = [None] * world if rank == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out or []
+
+
+def agree(error: Optional[BaseException], world: int) -> None:
+    """Raise on every rank when any rank had an error (its own error where it had one, else the first rank's
+    message as a ValueError), so that no rank goes on to wait for the others."""
+    if world == 1:
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    errors: List[Optional[str]] = [None] * world
+    dist.all_gather_object(errors, None if error is None else str(error))
+    if error is not None:
+        raise error
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise ValueError(first)
 
 
 def broadcast(obj: Any, world: int) -> Any:
@@ -125,28 +143,35 @@ def owned_window(grid: ChipGrid, strip: int, ci: int, cell: int) -> Tuple[int, i
 
 def stream_chips(grid: ChipGrid, start: int, batch_size: int, read: Callable[[int, int], Tuple[Any, Any]],
                  forward: Callable[[List[Any]], List[Any]], place: Callable[[int, int, Any, Any], None],
-                 rank: int = 0, world: int = 1, progress: Optional[Callable[[int], None]] = None) -> None:
+                 rank: int = 0, world: int = 1, progress: Optional[Callable[[int], None]] = None,
+                 read_workers: int = 1, prefetch: Optional[Callable[[List[Tuple[int, int]]], None]] = None) -> None:
     """Run chips from strip `start` on. `read(strip, ci)` -> (item or None when there is nothing to compute, a
-    small per-chip note) runs in a helper thread; `forward(items)` (full batches, one result per item) on every
-    rank for its chips (chip k belongs to rank k % world); `place(strip, ci, result or None, note)` on rank 0
-    in row-major order."""
+    small per-chip note) runs in `read_workers` helper threads, each reading one group ahead of the model (more
+    than one hides the latency of remote reads; `read` must then be thread-safe), after `prefetch(chips)` (the
+    group's (strip, ci) of this rank, in the same thread: e.g. one read of their common window); `forward(items)` (full
+    batches, one result per item) on every rank for its chips (chip k belongs to rank k % world);
+    `place(strip, ci, result or None, note)` on rank 0 in row-major order."""
     ncols = len(grid.col_starts)
     first, end = start * ncols, len(grid.row_starts) * ncols
     size = batch_size * world  # a group: one batch per rank, the unit of reading and of gathering results
     groups = [range(a, min(a + size, end)) for a in range(first, end, size)]
 
     def read_group(group: Sequence[int]) -> List[Tuple[int, Any, Any]]:
-        return [(k, *read(*divmod(k, ncols))) for k in group if k % world == rank]
+        mine = [k for k in group if k % world == rank]
+        if prefetch is not None and mine:
+            prefetch([divmod(k, ncols) for k in mine])
+        return [(k, *read(*divmod(k, ncols))) for k in mine]
 
     carry: List[Tuple[int, Any, Any]] = []  # this rank's chips read but not computed yet (fewer than a batch)
     ready: Dict[int, Tuple[Any, Any]] = {}  # rank 0: results waiting for their turn in row-major order
     next_chip = first
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read_group, groups[0]) if groups else None
+    depth = max(1, int(read_workers))
+    with ThreadPoolExecutor(max_workers=depth) as pool:
+        pending = [pool.submit(read_group, g) for g in groups[:depth]]
         for gi, group in enumerate(groups):
-            chips = pending.result()
-            if gi + 1 < len(groups):
-                pending = pool.submit(read_group, groups[gi + 1])
+            chips = pending.pop(0).result()
+            if gi + depth < len(groups):
+                pending.append(pool.submit(read_group, groups[gi + depth]))
             results = [(k, (None, note)) for k, item, note in chips if item is None]
             todo = carry + [c for c in chips if c[1] is not None]
             # full batches only (CPU forward passes are much slower per chip in small ones), except at the end

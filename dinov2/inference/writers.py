@@ -16,11 +16,12 @@ import numpy as np
 GDAL_CACHE_MB = 16
 
 
-def bounded_gdal_cache():
-    """Context manager: GDAL's block cache capped at ``GDAL_CACHE_MB`` (process-wide while active)."""
+def bounded_gdal_cache(mb: int = GDAL_CACHE_MB):
+    """Context manager: GDAL's block cache capped at `mb` MB (default ``GDAL_CACHE_MB``; process-wide while
+    active)."""
     import rasterio
 
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB << 20)
+    return rasterio.Env(GDAL_CACHEMAX=int(mb) << 20)
 
 
 def atomic_json(path: str, obj: Dict[str, Any]) -> None:

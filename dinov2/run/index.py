@@ -21,7 +21,8 @@ EPILOG = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="panopticon index", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("chips", help="output folder of `panopticon embed`, or its chips.parquet")
+    p.add_argument("chips", help="output folder of `panopticon embed` or its chips.parquet, or an output in object "
+                   "storage (s3://bucket/prefix: mirrored into the cache, indexed and searched there)")
     p.add_argument("--embedding", default="mean", help="comma-separated kinds to index: mean, cls "
                    "(default: %(default)s)")
     p.add_argument("--dtype", choices=("f32", "f16", "i8"), default="f16", help="storage of the vectors in the "

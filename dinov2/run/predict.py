@@ -73,6 +73,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dinov2.run.embed import load_backbone, raster_policy, scenes_from_args
 
     check_batch_size(args.batch_size)
+    if "://" in str(args.output_dir):
+        raise ValueError(f"--output-dir {args.output_dir}: predict writes to a local folder (object storage is an "
+                         "embed output)")
     head_file = Path(args.head)
     head_file = head_file / "model_final.pth" if head_file.is_dir() else head_file
     load_head_state(str(head_file))  # a missing, empty or truncated head file fails before any loading

@@ -39,7 +39,8 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="panopticon search", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("chips", help="output folder of `panopticon embed`, or its chips.parquet")
+    p.add_argument("chips", help="output folder of `panopticon embed` or its chips.parquet, or an output in object "
+                   "storage (s3://bucket/prefix: mirrored into the cache, indexed and searched there)")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--chip-id", help="query chip id (column chip_id, '<scene>:r<row>c<col>')")
     q.add_argument("--lonlat", nargs=2, type=float, metavar=("LON", "LAT"), help="query: the chip containing this "

@@ -30,6 +30,12 @@ def get_args_parser(description: Optional[str] = None, parents: Sequence[argpars
     """Launcher options; `parents` contribute the task's own options (e.g. the training CLI)."""
     p = argparse.ArgumentParser(description=description, parents=list(parents), add_help=add_help, epilog=epilog,
                                 formatter_class=OneSpellingHelpFormatter)
+    add_launcher_arguments(p, default_cluster)
+    return p
+
+
+def add_launcher_arguments(p: argparse.ArgumentParser, default_cluster: Optional[str] = "slurm") -> None:
+    """The launcher options (`--cluster`, `--nodes`, `--ngpus`, ...) as a group of `p`."""
     g = p.add_argument_group("launcher (submitit)")
     here = "run in this process" if default_cluster is None else default_cluster
     g.add_argument("--cluster", default=default_cluster, choices=CLUSTERS,
@@ -51,7 +57,22 @@ def get_args_parser(description: Optional[str] = None, parents: Sequence[argpars
     g.add_argument("--comment", default=None, help="SLURM comment")
     g.add_argument("--exclude", default=None, help="nodes to exclude, e.g. node[01-03]")
     g.add_argument("--slurm-folder", default=None, help="folder of the submitit logs (default: <output dir>/slurm)")
-    return p
+
+
+def without_launcher_arguments(argv: Sequence[str]) -> list:
+    """`argv` without the launcher options and their values (what the submitted job runs)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_launcher_arguments(p)
+    flags = {s for a in p._actions for s in a.option_strings}  # every launcher option takes one value
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok in flags:
+            skip = True
+        elif not (tok.startswith("--") and tok.split("=", 1)[0] in flags):
+            out.append(tok)
+    return out
 
 
 def launcher_options_given(args: argparse.Namespace) -> list:

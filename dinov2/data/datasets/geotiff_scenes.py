@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from dinov2.data.io import (FaultyFileLog, LazyHandles, expand_path, open_raster,
                             read_raster_band, with_retries)
 from dinov2.data.normalize import robust_band_stats
+from dinov2.data.remote import is_url
 from dinov2.data.sensors import band_chn_ids, resolve_band, sensor_bands
 from dinov2.data.tiling import (RasterGroup, cell_grid, group_window, patch_origins, patch_pixels,
                                 patch_valid_fraction, valid_patch_sizes)
@@ -77,6 +78,8 @@ def _scene_channels(spec: Dict[str, Any], base_dir: Optional[str], idx: int) -> 
 
     def path_of(p: str) -> str:
         p = expand_path(str(p), f"scene {idx} file")
+        if is_url(p):  # opened (or refused) by whoever reads the scene
+            return p
         p = os.path.join(base_dir, p) if base_dir and not os.path.isabs(p) else p
         if not os.path.exists(p):
             raise FileNotFoundError(f"scene {idx} ({spec.get('name', sensor)}): file not found: {p}")
