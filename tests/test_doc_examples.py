@@ -10,8 +10,7 @@ on GitHub):
                                       `panopticon embed` without `--model` (the release) gets `--random-init`
     <!-- example: skip: REASON -->    not run (a download, a dataset, minutes of compute); reported as skipped
 
-A block without a marker fails `test_every_example_is_marked`, except on the pages of `PAGES_NOT_MARKED`, whose
-blocks are reported as skipped. The blocks of a page run in document order in one workspace the test writes:
+A block without a marker fails `test_every_example_is_marked`. The blocks of a page run in document order in one workspace the test writes:
 `S2.tif` (a 4-band Sentinel-2-like GeoTIFF), `scenes.yaml` (that file as a scenes YAML) and `runs/mine` (a tiny
 training run folder). Python blocks are executed, and a line `<expression>  # tensor([...])` must give the tensor
 its comment shows; bash blocks run line by line in this process through the
@@ -31,7 +30,7 @@ import yaml
 
 from conftest import ROOT
 
-PAGES_NOT_MARKED = {"docs/embed.md", "docs/search.md"}  # their examples are not marked yet: reported as skipped
+PAGES_NOT_MARKED: set = set()  # pages whose blocks are not marked yet (reported as skipped); none today
 FENCE = re.compile(r"^```(python|bash|sh|shell|console)\s*$")
 MARKER = re.compile(r"^<!-- example: (run|run offline|skip: (?P<reason>.+?)) -->$")
 HUB_NAMES = ("panopticon_vitb14", "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")

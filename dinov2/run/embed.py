@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 from dinov2.run.submit import (add_launcher_arguments, launcher_options_given, set_rank_environment, submit_job,
                                without_launcher_arguments)
+from dinov2.utils.cli_help import OneSpellingHelpFormatter
 
 RANK_TIMEOUT_MINUTES = 6 * 60
 
@@ -51,7 +52,7 @@ def add_scene_arguments(p: argparse.ArgumentParser) -> None:
                    "other files; each referenced file must be a local GeoTIFF/JPEG 2000; refused by default)")
     g = p.add_argument_group("STAC items and searches (docs/embed.md: Embed a region from a STAC catalog)")
     g.add_argument("--stac-api", metavar="URL", help="search this STAC API and embed every matching item whole "
-                   "(scene name = item id); with --collections, --bbox, --datetime, --query/--filter, --max-items")
+                   "(scene name = item id); narrowed by the flags below")
     g.add_argument("--collections", help="comma-separated collection ids to search")
     g.add_argument("--bbox", help="W,S,E,N in degrees: items intersecting it")
     g.add_argument("--datetime", help="START/END (ISO dates or times, '..' = open end) or one date")
@@ -148,7 +149,7 @@ def scenes_from_args(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="panopticon embed", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=OneSpellingHelpFormatter)
     add_scene_arguments(p)
     p.add_argument("--output-dir", "-o", required=True, help="folder for <scene>_patches.tif and chips.parquet/, "
                    "or s3://bucket/prefix (also gs://, az://): scenes are computed in --work-dir and uploaded when "

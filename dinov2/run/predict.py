@@ -15,6 +15,8 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dinov2.utils.cli_help import OneSpellingHelpFormatter
+
 EPILOG = """examples:
   panopticon predict runs/mine/eval_model_final/seg/my_task scenes.yaml --output-dir maps/
   panopticon predict my_task/model_final.pth S2.tif --sensor sentinel2 --bands B02,B03,B04 \\
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dinov2.run.embed import add_scene_arguments
 
     p = argparse.ArgumentParser(prog="panopticon predict", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=OneSpellingHelpFormatter)
     p.add_argument("head", help="segmentation task folder or its model_final.pth")
     add_scene_arguments(p)
     p.add_argument("--output-dir", "-o", required=True, help="folder for the class and probability maps")
