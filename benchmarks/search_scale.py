@@ -180,7 +180,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--dtype", default="f16")
     p.add_argument("--connectivity", type=int, default=16)
-    p.add_argument("--ef", default="32,64,96,128", help="expansion_search values")
+    p.add_argument("--ef", default="32,64,128,256", help="expansion_search values")
     p.add_argument("--repeats", type=int, default=5, help="CLI calls per mode in part 2")
     a = p.parse_args()
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")

@@ -123,6 +123,15 @@ def _wgs84_footprints(wkb: Sequence[bytes], crs: str):
     return shapely.transform(geoms, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
 
 
+def _leaf(field) -> str:
+    """The parquet column path of an arrow field whose values are to be dictionary-encoded (list values live at
+    ``<name>.list.element``; parquet encodings are chosen per leaf)."""
+    import pyarrow as pa
+
+    is_list = pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type)
+    return f"{field.name}.list.element" if is_list else field.name
+
+
 def write_chip_part(scene_table: str, out: str, dtype: str = "float32",
                     meta: Optional[Dict[str, Any]] = None) -> int:
     """Write the GeoParquet part `out` from a scene's internal chip table (float32 embeddings, footprints in the
@@ -158,7 +167,7 @@ def write_chip_part(scene_table: str, out: str, dtype: str = "float32",
     # float embeddings: no dictionary (it never fits and costs ~10 %), byte-stream-split so ZSTD finds the
     # exponent bytes; int8 embeddings and every other column keep dictionary encoding
     floats = [f"{c}.list.element" for c in EMBEDDING_COLUMNS if dtype != "int8"]
-    dictionary = [c for c in out_table.schema.names if c not in EMBEDDING_COLUMNS or dtype == "int8"]
+    dictionary = [_leaf(f) for f in out_table.schema if f.name not in EMBEDDING_COLUMNS or dtype == "int8"]
     pq.write_table(out_table, tmp, compression="zstd", row_group_size=max(64, ROW_GROUP_BYTES // row_bytes),
                    write_statistics=True, use_dictionary=dictionary, use_byte_stream_split=floats or False)
     os.replace(tmp, out)

@@ -36,7 +36,7 @@ class IndexSettings:
     dtype: str = "f16"
     connectivity: int = 16
     expansion_add: int = 128
-    expansion_search: int = 96
+    expansion_search: int = 128
 
 
 def load_usearch():

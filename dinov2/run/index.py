@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "index (default: %(default)s; similarities then carry ~1e-3 rounding)")
     p.add_argument("--connectivity", type=int, default=16, help="HNSW graph degree M (default: %(default)s)")
     p.add_argument("--expansion-add", type=int, default=128, help="HNSW efConstruction (default: %(default)s)")
-    p.add_argument("--expansion-search", type=int, default=96, help="HNSW ef at query time, stored with the "
+    p.add_argument("--expansion-search", type=int, default=128, help="HNSW ef at query time, stored with the "
                    "index (default: %(default)s)")
     p.add_argument("--rebuild", action="store_true", help="rebuild from scratch instead of adding new parts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
