@@ -7,8 +7,7 @@ in a subprocess with a timeout and an oracle for "correct"; prints the table of 
 Outcome classes: ok-correct (exit 0 and the oracle agrees), clean error (exit 2, one line naming the problem),
 traceback, hang (timeout), silent wrong output (exit 0 but the oracle disagrees, or exit 0 where an error was due),
 unnamed read (a sentinel side file was opened or the local HTTP server saw a request), false refusal (an error for
-valid input) and other exit (any other status). Cases marked i23 (export --check, convert validation) pass once the
-export/convert hardening is merged; rerun with `--only export convert` then.
+valid input) and other exit (any other status).
 """
 from __future__ import annotations
 
@@ -36,10 +35,10 @@ CLASSES = ["ok-correct", "clean error", "traceback", "hang", "silent wrong outpu
 CASES: List[tuple] = []
 
 
-def case(cmd: str, name: str, expect: str = "error", i23: bool = False):
+def case(cmd: str, name: str, expect: str = "error"):
     """Register a case: the function gets (world, case folder) and returns (argv, oracle or None)."""
     def deco(fn: Callable):
-        CASES.append((cmd, name, expect, i23, fn))
+        CASES.append((cmd, name, expect, fn))
         return fn
     return deco
 
@@ -351,15 +350,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     todo = [c for c in CASES if not args.only or c[0] in args.only]
     if args.list:
-        for cmd, name, expect, i23, _ in todo:
-            print(f"{cmd:8s} {expect:7s} {'i23 ' if i23 else ''}{name}")
+        for cmd, name, expect, _ in todo:
+            print(f"{cmd:8s} {expect:7s} {name}")
         return 0
     logging.basicConfig(level=logging.WARNING)  # the oracles' own in-process runs stay quiet
     folder = args.keep or tempfile.mkdtemp(prefix="trust_cases_")
     world = World(folder)
     table, failures = defaultdict(Counter), []
     try:
-        for cmd, name, expect, i23, build in todo:
+        for cmd, name, expect, build in todo:
             d = world.case_dir()
             with contextlib.redirect_stdout(io.StringIO()):  # set-up runs of the harness itself stay quiet
                 argv, oracle = build(world, d)
@@ -367,8 +366,7 @@ def main(argv=None) -> int:
             res = run_cli(argv, args.timeout)
             unnamed = world.requests() > before_req or len(world.sentinels.opened) > before_sent
             outcome = classify(expect, res, oracle, unnamed)
-            key = f"{cmd} (i23)" if i23 else cmd
-            table[key][outcome] += 1
+            table[cmd][outcome] += 1
             err = next((ln for ln in reversed(res["stderr"].splitlines()) if "error" in ln.lower()), "")
             if outcome not in ("ok-correct", "clean error"):
                 failures.append(f"[{outcome}] {cmd}: {name}: {err[:200]}")

@@ -195,8 +195,8 @@ def register(case, embed_args) -> None:
         def _(w, d, extra=extra):
             return ["search", chips(w), *extra], None
 
-    # -------------------------------------------------------------------------------------------- i23
-    @case("export", "--check with a NaN weight", "nonzero", i23=True)
+    # -------------------------------------------------------------------------------------------- export, convert
+    @case("export", "--check with a NaN weight", "nonzero")
     def _(w, d):
         import torch
 
@@ -207,7 +207,7 @@ def register(case, embed_args) -> None:
         torch.save(ck, f"{run}/model_final.pth")
         return ["export", "--model", run, "--output", f"{d}/m.onnx", "--img-size", "56", "--check"], None
 
-    @case("convert", "a state dict with a wrong shape", "nonzero", i23=True)
+    @case("convert", "a state dict with a wrong shape", "nonzero")
     def _(w, d):
         import torch
 
@@ -219,7 +219,7 @@ def register(case, embed_args) -> None:
         shutil.copy(f"{w.run}/config.yaml", f"{d}/config.yaml")
         return ["convert", f"{d}/wrong.pth", f"{d}/out.pth", "--to", "torchgeo"], None
 
-    @case("convert", "a model that is not ViT-B/14 to torchgeo without --force", "nonzero", i23=True)
+    @case("convert", "a model that is not ViT-B/14 to torchgeo without --force", "nonzero")
     def _(w, d):
         return ["convert", f"{w.run}/model_final.pth", f"{d}/out.pth", "--to", "torchgeo"], None
 

@@ -33,7 +33,7 @@ from dinov2.inference.chips_table import check_compatible, part_rows
 from dinov2.inference.output_store import OutputStore, open_output
 from dinov2.inference.provenance import FORMAT_VERSION, checked_digest, input_identity
 from dinov2.inference.scene_embedder import (EmbedSettings, SceneEmbedder, check_settings,  # noqa: F401
-                                             output_paths, part_meta)
+                                             output_paths, part_meta, required_outputs)
 from dinov2.inference.scene_job import output_lock
 from dinov2.inference.sources import SceneSource, collect_scenes
 from dinov2.inference.stream import agree, broadcast, dist_info, gather
@@ -56,13 +56,16 @@ def request_key(scene: SceneSource, settings: EmbedSettings, digest: str, patch_
            "channels": [[c.index, c.band, c.chn_id] for c in scene.channels], "nodata": scene.nodata,
            "mean": scene.mean, "std": scene.std, "mask": scene.mask.signature() if scene.mask else None,
            "clip": scene.clip, "inputs": input_identity(scene.input_files)}
+    if not settings.patch_map:  # as in the scene signature: only when off
+        key["settings"]["patch_map"] = False
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _finished(store: OutputStore, scene: SceneSource, key: str) -> Optional[Dict[str, Any]]:
+def _finished(store: OutputStore, scene: SceneSource, key: str, patch_map: bool = True) -> Optional[Dict[str, Any]]:
     """The scene's done marker when it records `key` and every output exists (in the store), else None."""
     marker = store.read_json(os.path.join(store.root, ".embed", f"{scene.name}.done.json"))
-    if marker and marker.get("request") == key and all(map(store.exists, output_paths(store.root, scene.name))):
+    if marker and marker.get("request") == key and all(map(store.exists, required_outputs(store.root, scene.name,
+                                                                                           patch_map))):
         return marker
     return None
 
@@ -132,7 +135,7 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
 
         def check(i: int) -> None:
             keys[scenes[i].name] = request_key(scenes[i], settings, digest, ps)
-            markers[i] = _finished(store, scenes[i], keys[scenes[i].name])
+            markers[i] = _finished(store, scenes[i], keys[scenes[i].name], settings.patch_map)
 
         def make(i: int) -> SceneEmbedder:
             job = SceneEmbedder(scenes[i], model, root, settings, device, digest, policy)
@@ -181,7 +184,8 @@ def embed_scenes(scenes: Sequence[SceneSource], model: torch.nn.Module, output_d
             import torch.distributed as dist
 
             dist.barrier()
-    return {"patches": [store.location(output_paths(root, s.name)[0]) for s in scenes], "skipped": skipped,
+    maps = [store.location(output_paths(root, s.name)[0]) for s in scenes] if settings.patch_map else []
+    return {"patches": maps, "skipped": skipped,
             "chips": store.location(os.path.join(root, "chips.parquet")), "n_chips": total if rank == 0 else 0}
 
 

@@ -39,12 +39,19 @@ class EmbedSettings:
     progress: bool = True
     embedding_dtype: str = "float32"  # chip table embeddings: 'float32' | 'float16' | 'int8' (per-vector scale)
     read_workers: int = 0  # threads reading chips ahead of the model; 0: 1 for local scenes, 4 for remote ones
+    patch_map: bool = True  # write <scene>_patches.tif; False: the chip table only
 
 
 def output_paths(out_dir: str, name: str) -> Tuple[str, str, str]:
     """(patch-embedding COG, float32 chip table, chip-table part) of scene `name` in `out_dir`."""
     return (os.path.join(out_dir, f"{name}_patches.tif"), os.path.join(out_dir, ".embed", f"{name}.chips.parquet"),
             os.path.join(out_dir, "chips.parquet", f"{name}.parquet"))
+
+
+def required_outputs(out_dir: str, name: str, patch_map: bool = True) -> List[str]:
+    """The files that must exist for scene `name` to count as finished (without the COG when no map is written)."""
+    paths = list(output_paths(out_dir, name))
+    return paths if patch_map else paths[1:]
 
 
 def part_meta(model: torch.nn.Module, digest: str, embedding_dtype: str) -> Dict[str, Any]:
@@ -90,6 +97,8 @@ class SceneEmbedder(SceneJob):
                           "patch_size": self.ps, "embed_dim": self.dim, "chip": self.grid.chip,
                           "overlap": self.grid.overlap, "model_input": chip_px, "min_valid": settings.min_valid,
                           "precision": settings.precision, "embedding_dtype": settings.embedding_dtype}
+        if not settings.patch_map:  # only when off, so that scenes finished by earlier versions keep their signature
+            self.signature["patch_map"] = False
         self._rows: List[Dict[str, Any]] = []
         if settings.read_workers > 0:
             self.read_workers = settings.read_workers
@@ -141,6 +150,8 @@ class SceneEmbedder(SceneJob):
         return os.path.join(self.work, "patches_partial.bin")
 
     def create_outputs(self) -> None:
+        if not self.s.patch_map:
+            return
         from affine import Affine
 
         g = self.reader.grid
@@ -149,15 +160,21 @@ class SceneEmbedder(SceneJob):
                               descriptions=[f"emb_{k:03d}" for k in range(self.dim)])
 
     def open_outputs(self) -> None:
-        self._dst = PartialRaster(self.partial)
+        self._dst = PartialRaster(self.partial) if self.s.patch_map else None
 
     def sink(self, row: int, col: int, vals: np.ndarray) -> None:
-        self._dst.write(row, col, vals)
+        if self._dst is not None:
+            self._dst.write(row, col, vals)
 
     def close_outputs(self) -> None:
-        self._dst.close()
+        if self._dst is not None:
+            self._dst.close()
 
     def outputs(self) -> List[str]:
+        return required_outputs(self.out_dir, self.scene.name, self.s.patch_map)
+
+    def stale_outputs(self) -> List[str]:
+        # a map of other settings must go too when this run writes none: it would look like this run's
         return [self.final_tif, self.table, self.part]
 
     def part_meta(self) -> Dict[str, Any]:
@@ -171,7 +188,8 @@ class SceneEmbedder(SceneJob):
             raise ValueError(f"scene {self.scene.name}: no chip has a valid patch (no-data {self.reader.nodata}, "
                              f"--min-valid {self.s.min_valid}); nothing to embed")
         combine_shards(shards, self.table)
-        finalize_cog(self.partial, self.final_tif, self.s.compress)
+        if self.s.patch_map:
+            finalize_cog(self.partial, self.final_tif, self.s.compress)
         self.marker_extra["n_chips"] = write_chip_part(self.table, self.part, self.s.embedding_dtype, self.part_meta())
 
 
@@ -186,5 +204,7 @@ def check_settings(settings: EmbedSettings) -> None:
     if isinstance(settings.read_workers, bool) or not isinstance(settings.read_workers, int) or \
             not 0 <= settings.read_workers <= 64:
         raise ValueError(f"--read-workers must be an integer in 0..64 (0: automatic), got {settings.read_workers!r}")
+    if not isinstance(settings.patch_map, bool):
+        raise ValueError(f"patch_map must be True or False, got {settings.patch_map!r}")
     if not 0.0 < settings.min_valid <= 1.0:  # NaN fails too
         raise ValueError(f"--min-valid must be in (0, 1], got {settings.min_valid}")

@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-dtype", choices=("float32", "float16", "int8"), default="float32",
                    help="storage of the chip table's embeddings: float16 halves it, int8 (with a per-vector scale) "
                    "quarters it (default: %(default)s; see docs/search.md)")
+    p.add_argument("--no-patch-map", action="store_true", help="write the chip table only, no "
+                   "<scene>_patches.tif (the maps are most of the output: about 1.7 GB per Sentinel-2 item)")
     p.add_argument("--read-workers", type=int, default=0, help="threads reading chips ahead of the model "
                    "(default 0: 1 for local inputs, 4 for remote ones, whose reads wait on the network)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -268,7 +270,8 @@ def _embed(args: argparse.Namespace):
     settings = EmbedSettings(chip_size=args.chip_size, overlap=args.overlap, batch_size=args.batch_size,
                              min_valid=args.min_valid, norm_stats=args.norm_stats, precision=args.precision,
                              compress=args.compress, progress=not args.no_progress,
-                             embedding_dtype=args.embedding_dtype, read_workers=args.read_workers)
+                             embedding_dtype=args.embedding_dtype, read_workers=args.read_workers,
+                             patch_map=not args.no_patch_map)
     check_settings(settings)
     root = open_output(args.output_dir, args.work_dir).root
     # ranks with scenes of their own wait at the end for the others: longer than one scene may take
@@ -283,6 +286,7 @@ def _embed(args: argparse.Namespace):
                                   args.work_dir)
         if distributed.is_main_process():
             shown = ", ".join(result["patches"][:5]) + (f", ... ({len(scenes)} maps)" if len(scenes) > 5 else "")
+            shown = shown or "no patch maps (--no-patch-map)"
             print(f"embedded {len(scenes)} scene(s) ({len(result['skipped'])} already finished): {shown}; "
                   f"{result['n_chips']} chips in {result['chips']}")
             return result
