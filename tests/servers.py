@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, urlparse
 
 STAC_CONFORMANCE = [
@@ -193,14 +193,41 @@ def _in_time(item: Dict[str, Any], interval: str) -> bool:
     return (start in ("", "..") or t >= start) and (end in ("", "..") or t <= end)
 
 
+_QUERY_OPS = {"eq": lambda v, x: v == x, "neq": lambda v, x: v != x, "lt": lambda v, x: v < x,
+              "lte": lambda v, x: v <= x, "gt": lambda v, x: v > x, "gte": lambda v, x: v >= x,
+              "in": lambda v, x: v in x}
+_CQL2_OPS = {"=": "eq", "<>": "neq", "<": "lt", "<=": "lte", ">": "gt", ">=": "gte"}
+
+
+def _matches_query(item: Dict[str, Any], query: Dict[str, Any]) -> bool:
+    """The STAC query extension: every property's every operator holds."""
+    props = item["properties"]
+    return all(name in props and _QUERY_OPS[op](props[name], value)
+               for name, ops in query.items() for op, value in ops.items())
+
+
+def _matches_cql2(item: Dict[str, Any], expr: Dict[str, Any]) -> bool:
+    """CQL2-JSON: and/or/not over comparisons of a property with a literal."""
+    op, args = expr["op"], expr["args"]
+    if op in ("and", "or"):
+        return (all if op == "and" else any)(_matches_cql2(item, a) for a in args)
+    if op == "not":
+        return not _matches_cql2(item, args[0])
+    prop, value = args[0]["property"], args[1]
+    return prop in item["properties"] and _QUERY_OPS[_CQL2_OPS[op]](item["properties"][prop], value)
+
+
 class StacApi(LocalServer):
-    """A minimal STAC API: `items` are item dicts (their asset hrefs may point at this server's files)."""
+    """A minimal STAC API: `items` are item dicts (their asset hrefs may point at this server's files);
+    `extensions` among ``query`` (the query extension) and ``filter`` (CQL2-JSON), which it then implements and
+    declares (without them it ignores such expressions, as an API without the extension does)."""
 
     def __init__(self, root: Optional[str] = None, items: Optional[List[Dict[str, Any]]] = None,
-                 page_size: int = 2):
+                 page_size: int = 2, extensions: Sequence[str] = ()):
         super().__init__(root)
         self.items = list(items or [])
         self.page_size = page_size
+        self.extensions = set(extensions)
         self.state.routes.update({"/": self._landing, "/conformance": self._conformance,
                                   "/collections": self._collections, "/collections/*": self._collection,
                                   "/search": self._search})
@@ -214,14 +241,20 @@ class StacApi(LocalServer):
 
     def _landing(self, handler, params):
         return 200, {"type": "Catalog", "stac_version": "1.0.0", "id": "test-api", "description": "tests",
-                     "conformsTo": STAC_CONFORMANCE,
+                     "conformsTo": self._conforms(),
                      "links": [self._link("self", "/"), self._link("root", "/"),
                                self._link("conformance", "/conformance"), self._link("data", "/collections"),
                                self._link("search", "/search", mtype="application/geo+json"),
                                dict(self._link("search", "/search", "POST"), type="application/geo+json")]}
 
+    def _conforms(self) -> List[str]:
+        extra = {"query": ["https://api.stacspec.org/v1.0.0/item-search#query"],
+                 "filter": ["https://api.stacspec.org/v1.0.0/item-search#filter",
+                            "http://www.opengis.net/spec/cql2/1.0/conf/cql2-json"]}
+        return STAC_CONFORMANCE + [uri for ext in sorted(self.extensions) for uri in extra[ext]]
+
     def _conformance(self, handler, params):
-        return 200, {"conformsTo": STAC_CONFORMANCE}
+        return 200, {"conformsTo": self._conforms()}
 
     def _collection_doc(self, cid: str) -> Dict[str, Any]:
         return {"type": "Collection", "stac_version": "1.0.0", "id": cid, "description": cid, "license": "proprietary",
@@ -252,6 +285,11 @@ class StacApi(LocalServer):
             hits = [i for i in hits if _overlaps(i["bbox"], box)]
         if params.get("datetime"):
             hits = [i for i in hits if _in_time(i, params["datetime"])]
+        for ext, match in (("query", _matches_query), ("filter", _matches_cql2)):
+            expr = params.get(ext)
+            if ext in self.extensions and expr:
+                expr = json.loads(expr) if isinstance(expr, str) else expr
+                hits = [i for i in hits if match(i, expr)]
         limit = min(int(params.get("limit") or self.page_size), self.page_size)
         start = int(params.get("token") or 0)
         page = hits[start:start + limit]

@@ -126,6 +126,32 @@ def test_local_file_remote_item_and_api_search_give_equal_embeddings(tmp_path, r
     assert [p.name for p in (tmp_path / "out_search").glob("*_patches.tif")] == ["S2A_32TMR_20240705_patches.tif"]
 
 
+def test_query_and_filter_select_items_and_an_api_without_the_extension_is_refused(tmp_path, capsys):
+    from dinov2.inference.stac import Search, search_items
+
+    items = []
+    for k, cloud in enumerate((5.0, 50.0, 15.0)):
+        d = item_dict("http://unused", f"S2A_32TMR_2024070{k + 1}", f"2024-07-0{k + 1}T10:30:00Z")
+        d["properties"]["eo:cloud_cover"] = cloud
+        items.append(d)
+    clear = '{"eo:cloud_cover": {"lt": 10}}'
+    between = json.dumps({"op": "and", "args": [{"op": "<", "args": [{"property": "eo:cloud_cover"}, 20]},
+                                                {"op": ">", "args": [{"property": "eo:cloud_cover"}, 10]}]})
+    with StacApi(items=items, extensions=("query", "filter")) as api:
+        ids = lambda **kw: [d["id"] for d in search_items(Search(api.url, ["sentinel-2-l2a"], **kw))]  # noqa: E731
+        assert ids() == [d["id"] for d in items]
+        assert ids(query=clear) == ["S2A_32TMR_20240701"]
+        assert ids(filter=between) == ["S2A_32TMR_20240703"]
+        assert ids(query='{"eo:cloud_cover": {"gte": 10}}', filter=between) == ["S2A_32TMR_20240703"]
+    # an API without the extensions would ignore the expression and return every item: refused, naming the flag
+    with StacApi(items=items) as api:
+        for flag, expr, name in (("--query", clear, "query"), ("--filter", between, "filter")):
+            rc, err = _cli(capsys, "--stac-api", api.url, "--collections", "sentinel-2-l2a", flag, expr)
+            assert rc == 2 and f"--stac-api {api.url} does not implement the STAC {name} extension" in err, err
+            assert f"it would ignore {flag}" in err
+        assert all(r.path in ("/", "/conformance") for r in api.requests)  # refused before searching
+
+
 def test_assets_choose_and_order_bands(tmp_path):
     from dinov2.inference.scene_source import MaskFlags
     from dinov2.inference.sources import ItemOptions, collect_scenes

@@ -253,6 +253,14 @@ def search_items(search: Search) -> List[Dict[str, Any]]:
     if not client.conforms_to(pystac_client.ConformanceClasses.ITEM_SEARCH):
         raise ValueError(f"--stac-api {search.api} is a STAC catalog without item search (its conformance "
                          "classes do not include STAC API item-search)")
+    # pystac-client only warns when the API lacks the extension, and such an API ignores the expression: every
+    # item of the collections would be embedded, so refuse instead
+    for value, flag, cls, name in ((query, "--query", "QUERY", "query"), (cql, "--filter", "FILTER", "filter")):
+        if value is not None and not client.conforms_to(getattr(pystac_client.ConformanceClasses, cls)):
+            raise ValueError(f"--stac-api {search.api} does not implement the STAC {name} extension (its "
+                             f"conformance classes lack item-search#{name}), so it would ignore {flag}; "
+                             f"{'use --filter' if name == 'query' else 'use --query'} if it supports that, or "
+                             "narrow the search with --bbox/--datetime")
     kwargs: Dict[str, Any] = dict(collections=list(search.collections), bbox=search.bbox, datetime=search.datetime,
                                   max_items=search.max_items)
     if query is not None:
