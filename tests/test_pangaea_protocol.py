@@ -16,13 +16,13 @@ from dinov2.eval.tasks import build_task_cfg, eval_config_root
 def test_preset_values():
     cfg = build_task_cfg(eval_config_root() / "1h" / "geobench" / "cashew-plant-seg.yaml")
     assert cfg.task.protocol == "pangaea" and cfg.task.img_size == 224 and cfg.task.inference == "sliding"
-    assert cfg.task.train_input == "crop" and cfg.heads.blocks == [3, 5, 7, 11]
+    assert cfg.task.train_input == "crop" and cfg.task.augment is False and cfg.heads.blocks == [3, 5, 7, 11]
     assert cfg.heads.decoders == ["upernet_ppm"] and cfg.heads.channels == 512 and cfg.heads.learning_rates == [1e-4]
     assert (cfg.optim.epochs, cfg.optim.dl.batch_size, cfg.optim.weight_decay) == (80, 8, 0.05)
     assert cfg.optim.schedule == "multistep" and cfg.optim.milestones == [0.6, 0.9] and cfg.optim.gamma == 0.1
     quick = build_task_cfg(eval_config_root() / "1h" / "geobench" / "cashew-plant-seg.yaml",
                            {"task.protocol": "quick"})
-    assert quick.heads.decoders == ["linear", "upernet"] and quick.task.inference == "resize"
+    assert quick.heads.decoders == ["linear", "upernet"] and quick.task.inference == "resize" and quick.task.augment
     with pytest.raises(ValueError, match=r"task.protocol='pangea' is not a segmentation protocol; choose from "
                                          r"\['pangaea', 'quick'\]"):
         build_task_cfg(eval_config_root() / "1h" / "geobench" / "cashew-plant-seg.yaml", {"task.protocol": "pangea"})
