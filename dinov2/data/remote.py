@@ -6,7 +6,9 @@
 ``AWS_NO_SIGN_REQUEST=YES`` (public buckets), ``AWS_REQUEST_PAYER=requester``, ``AWS_S3_ENDPOINT`` +
 ``AWS_HTTPS`` + ``AWS_VIRTUAL_HOSTING`` (GDAL's names for an S3-compatible server; derived here from
 ``AWS_ENDPOINT_URL``, the name boto3 and obstore use, when only that is set), ``GOOGLE_APPLICATION_CREDENTIALS``,
-``AZURE_STORAGE_ACCOUNT`` / ``AZURE_STORAGE_ACCESS_KEY``.
+``AZURE_STORAGE_ACCOUNT`` / ``AZURE_STORAGE_ACCESS_KEY`` (or obstore's ``AZURE_STORAGE_ACCOUNT_NAME`` /
+``AZURE_STORAGE_ACCOUNT_KEY``: each spelling is passed on to the other library) or ``AZURE_STORAGE_CONNECTION_STRING``
+(GDAL; it can name another endpoint).
 
 `http_options` are the GDAL settings of remote reads: retries with exponential backoff on 429/5xx answers and
 timeouts, connection and stall timeouts, caching. Each is a default that a variable of the same name in the
@@ -74,6 +76,18 @@ def s3_endpoint_options() -> Dict[str, str]:
     return opts
 
 
+def azure_options() -> Dict[str, str]:
+    """GDAL's Azure account settings from obstore's names (``AZURE_STORAGE_ACCOUNT_NAME``,
+    ``AZURE_STORAGE_ACCOUNT_KEY``) when GDAL's own (``AZURE_STORAGE_ACCOUNT``, ``AZURE_STORAGE_ACCESS_KEY``) are not
+    set, so that either spelling serves inputs (GDAL) and outputs (obstore) alike."""
+    opts = {}
+    for gdal_name, other in (("AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_ACCOUNT_NAME"),
+                             ("AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_ACCOUNT_KEY")):
+        if gdal_name not in os.environ and os.environ.get(other):
+            opts[gdal_name] = os.environ[other]
+    return opts
+
+
 def http_options() -> Dict[str, str]:
     """GDAL settings of remote reads (`HTTP_DEFAULTS`, retry codes on GDAL >= 3.10, the S3 endpoint); a variable
     set in the environment wins over the default here."""
@@ -82,6 +96,7 @@ def http_options() -> Dict[str, str]:
         opts["GDAL_HTTP_RETRY_CODES"] = ",".join(map(str, RETRY_CODES))
     opts = {k: v for k, v in opts.items() if k not in os.environ}
     opts.update(s3_endpoint_options())
+    opts.update(azure_options())
     return opts
 
 
@@ -109,6 +124,9 @@ def object_store(url: str, **config: Any):
 
     if url.startswith("s3://") and os.environ.get("AWS_NO_SIGN_REQUEST", "").upper() in ("YES", "TRUE", "1"):
         config.setdefault("skip_signature", True)
+    if url.startswith("az://") and os.environ.get("AZURE_STORAGE_ACCOUNT") and \
+            not os.environ.get("AZURE_STORAGE_ACCOUNT_NAME"):  # GDAL's name for it (obstore reads the key's)
+        config.setdefault("account_name", os.environ["AZURE_STORAGE_ACCOUNT"])
     return obstore.store.from_url(url, client_options={"allow_http": True}, **config)
 
 
