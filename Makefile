@@ -25,7 +25,8 @@ $(VENV)/.installed: pyproject.toml
 	# huggingface-hub, so it comes without dependencies (it needs h5py, rasterio, scipy, tqdm: all in [dev])
 	$(PY) -m pip install --quiet --no-deps geobench==1.0.0
 	# Azurite (Microsoft's Azure Storage emulator, an npm package) for the az:// tests; they skip without npm
-	-command -v npm >/dev/null 2>&1 && npm install --silent --no-audit --no-fund --prefix $(VENV)/azurite azurite@3.37.0
+	-command -v npm >/dev/null 2>&1 && timeout 300 npm install --silent --no-audit --no-fund --fetch-retries=1 \
+		--fetch-timeout=30000 --prefix $(VENV)/azurite azurite@3.37.0
 	touch $@
 
 test: setup
