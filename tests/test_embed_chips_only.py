@@ -9,6 +9,7 @@ rasterio = pytest.importorskip("rasterio")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from test_embed import S2_BANDS, _one_thread, smooth_scene, write_run, write_tif  # noqa: E402,F401
+from test_embed_bucket import _objects, bucket  # noqa: E402,F401
 
 
 def _embed(tif, run, out, *extra):
@@ -16,7 +17,7 @@ def _embed(tif, run, out, *extra):
 
     assert main([str(tif), "--sensor", "sentinel2", "--bands", ",".join(S2_BANDS), "--model", str(run),
                  "--chip-size", "56", "--overlap", "14", "--batch-size", "2", "-o", str(out), "--no-progress",
-                 *extra]) == 0
+                 *map(str, extra)]) == 0
 
 
 def _table(out, name):
@@ -64,3 +65,14 @@ def test_patch_map_must_be_a_bool():
 
     with pytest.raises(ValueError, match="patch_map must be True or False, got 'no'"):
         check_settings(EmbedSettings(patch_map="no"))
+
+
+def test_chips_only_in_a_bucket(tmp_path, bucket, capsys):
+    pytest.importorskip("boto3")
+    run = write_run(tmp_path / "run")
+    tif = write_tif(tmp_path / "s.tif", smooth_scene(70, 84, seed=5))
+    url = f"{bucket}/chips"
+    _embed(tif, run, url, "--no-patch-map", "--work-dir", tmp_path / "work")
+    assert set(_objects("chips")) == {"chips.parquet/s.parquet", ".embed/s.done.json", ".embed/s.chips.parquet"}
+    _embed(tif, run, url, "--no-patch-map", "--work-dir", tmp_path / "work2")  # another machine: skipped
+    assert "(1 already finished)" in capsys.readouterr().out
