@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from abc import ABC, abstractmethod
 import os
 import shutil
 import threading
@@ -37,10 +38,10 @@ REMOTE_READ_WORKERS = 1
 REMOTE_WARM_MB = 256  # decoded tiles one read worker fetches ahead of the chips of a remote scene
 
 
-class SceneJob:
+class SceneJob(ABC):
     """Base of a scene's streaming job. Subclasses set `grid` (cells), `cell` (pixels per cell), `channels` and
-    `weights` in `__init__`, and implement `chip_item`, `forward`, `create_outputs`, `sink`, `close_outputs`,
-    `finish` and `outputs`; `on_chip` / `on_strip` are optional hooks."""
+    `weights` in `__init__` and implement the abstract methods below; `stale_outputs`, `on_chip` and `on_strip`
+    are optional hooks."""
 
     kind = "job"
     grid: ChipGrid
@@ -81,36 +82,41 @@ class SceneJob:
         return sig
 
     # ------------------------------------------------------------------ subclass interface
+    @abstractmethod
     def chip_item(self, strip: int, ci: int, arr: np.ndarray, valid: np.ndarray, inside: np.ndarray) -> Any:
         """What `forward` needs of a read chip, or None when it has nothing valid to compute."""
-        raise NotImplementedError
 
+    @abstractmethod
     def forward(self, items: List[Any]) -> List[Any]:
-        raise NotImplementedError
+        """Model results of a batch of `chip_item`s, in order."""
 
+    @abstractmethod
     def values(self, item_result: Any) -> Tuple[np.ndarray, np.ndarray]:
         """(cell values (n, n, C), weight mask (n, n) bool) of a computed chip."""
-        raise NotImplementedError
 
+    @abstractmethod
     def create_outputs(self) -> None:
-        raise NotImplementedError
+        """Create the work rasters (a scene started from its first strip)."""
 
+    @abstractmethod
     def open_outputs(self) -> None:
-        raise NotImplementedError
+        """Open the work rasters for writing (also when resuming)."""
 
+    @abstractmethod
     def sink(self, row: int, col: int, vals: np.ndarray) -> None:
-        raise NotImplementedError
+        """Write blended cell values at cell (`row`, `col`) of the work rasters."""
 
+    @abstractmethod
     def close_outputs(self) -> None:
-        raise NotImplementedError
+        """Close the work rasters (also after an error)."""
 
+    @abstractmethod
     def finish(self) -> None:
         """Turn the work files into the final outputs (rank 0, after the last strip)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def outputs(self) -> List[str]:
         """Final files that must exist for the scene to count as finished."""
-        raise NotImplementedError
 
     def stale_outputs(self) -> List[str]:
         """Files of earlier runs (any settings) removed when the scene is recomputed (default: `outputs`)."""
