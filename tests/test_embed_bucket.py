@@ -2,12 +2,10 @@
 part or COG appears in the bucket only when whole, resume and skip read the markers in the bucket (after a kill,
 and from a fresh work folder), a second run on the same URL is refused, and `index` / `search` work on the
 bucket."""
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ boto3 = pytest.importorskip("boto3")
 
 from servers import s3_server  # noqa: E402
 from test_embed import S2_BANDS, _one_thread, smooth_scene, write_run, write_tif  # noqa: E402,F401
-from test_embed_resume_dist import ROOT, _env, _same_outputs  # noqa: E402
+from test_embed_resume_dist import ROOT, _env, _same_outputs, kill_after_strips  # noqa: E402
 
 BUCKET = "emb-out"
 
@@ -78,19 +76,8 @@ def test_outputs_in_the_bucket_equal_a_local_run_and_resume_reads_the_bucket(tmp
 
     # a killed run leaves nothing in the bucket that looks whole; the rerun skips a and b (markers in the bucket)
     args = _args([a, b, long], run, url, "--work-dir", work, progress=True)
-    proc = subprocess.Popen([sys.executable, "-m", "dinov2.run.embed", *args], env=_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    state, deadline, done = work / ".embed" / "long" / "state.json", time.time() + 120, 0
-    while time.time() < deadline and proc.poll() is None and done < 3:
-        try:
-            done = json.loads(state.read_text())["strips_done"]
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done = json.loads(state.read_text())["strips_done"]  # another strip may have finished before the kill landed
+    rc, done = kill_after_strips(args, work / ".embed" / "long" / "state.json")
+    assert rc == -signal.SIGKILL, "the run finished before it could be killed"
     assert done >= 3
     assert _objects("runs/one") == stored  # a and b untouched, nothing of long
     res = subprocess.run([sys.executable, "-m", "dinov2.run.embed", *args], env=_env(), cwd=ROOT,

@@ -29,6 +29,26 @@ def _args(tif, run_dir, out, extra=()):
             "--overlap", "14", "--batch-size", "2", "-o", str(out), *extra]
 
 
+def kill_after_strips(args, state, strips=3):
+    """Run ``python -m dinov2.run.embed *args``, SIGKILL it once its `state` file records `strips` finished strips
+    (or after 120 s); returns (exit status, strips done by the time the kill landed, None when unreadable)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dinov2.run.embed", *map(str, args)], env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # unread pipes could fill up
+    deadline, done = time.time() + 120, 0
+    while time.time() < deadline and proc.poll() is None and done < strips:
+        try:
+            done = json.loads(state.read_text())["strips_done"]
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    try:  # read again: another strip may have finished before the kill landed
+        return proc.returncode, json.loads(state.read_text())["strips_done"]
+    except (OSError, ValueError, KeyError):
+        return proc.returncode, None
+
+
 def _same_outputs(a, b, name):
     with rasterio.open(a / f"{name}_patches.tif") as x, rasterio.open(b / f"{name}_patches.tif") as y:
         assert x.transform == y.transform and x.crs == y.crs
@@ -48,24 +68,10 @@ def test_resume_after_sigkill(tmp_path):
     tif = write_tif(tmp_path / "long.tif", data, nodata=0)
     out = tmp_path / "out"
     state = out / ".embed" / "long" / "state.json"
-    proc = subprocess.Popen([sys.executable, "-m", "dinov2.run.embed", *_args(tif, run_dir, out, ["--no-progress"])],
-                            env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    done = 0
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done = json.loads(state.read_text())["strips_done"]
-        except (OSError, ValueError, KeyError):
-            done = 0
-        if done >= 3:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    rc, done = kill_after_strips(_args(tif, run_dir, out, ["--no-progress"]), state)
+    assert rc == -signal.SIGKILL, "the run finished before it could be killed"
     # nothing that looks complete was left behind
     assert not (out / "long_patches.tif").exists() and not (out / "chips.parquet" / "long.parquet").exists()
-    done = json.loads(state.read_text())["strips_done"]
     assert 3 <= done < 30
     resumed = subprocess.run([sys.executable, "-m", "dinov2.run.embed", *_args(tif, run_dir, out)], env=_env(),
                              cwd=ROOT, capture_output=True, text=True, timeout=300)

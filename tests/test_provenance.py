@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import yaml
 rasterio = pytest.importorskip("rasterio")
 
 from test_embed import S2_BANDS, _one_thread, smooth_scene, write_run, write_tif  # noqa: E402,F401
-from test_embed_resume_dist import ROOT, _env, _same_outputs  # noqa: E402
+from test_embed_resume_dist import ROOT, _env, _same_outputs, kill_after_strips  # noqa: E402
 
 
 def _args(src, run, out, *extra, chip="56", overlap="0"):
@@ -109,18 +108,8 @@ def test_kill_swap_checkpoint_resume_equals_a_fresh_run_with_the_new_weights(tmp
     out = tmp_path / "out"
     args = _args(tif, run, out, "--batch-size", "2", overlap="14")
     state = out / ".embed" / "long" / "state.json"
-    proc = subprocess.Popen([sys.executable, "-m", "dinov2.run.embed", *args], env=_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline, done = time.time() + 120, 0
-    while time.time() < deadline and proc.poll() is None and done < 3:
-        try:
-            done = json.loads(state.read_text())["strips_done"]
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and 3 <= json.loads(state.read_text())["strips_done"] < 30
+    rc, done = kill_after_strips(args, state)
+    assert rc == -signal.SIGKILL and 3 <= done < 30
     _swap_weights(run, seed=1)
     resumed = subprocess.run([sys.executable, "-m", "dinov2.run.embed", *args], env=_env(), cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
