@@ -126,8 +126,10 @@ def test_local_file_remote_item_and_api_search_give_equal_embeddings(tmp_path, r
     assert [p.name for p in (tmp_path / "out_search").glob("*_patches.tif")] == ["S2A_32TMR_20240705_patches.tif"]
 
 
-def test_query_and_filter_select_items_and_an_api_without_the_extension_is_refused(tmp_path, capsys):
+def test_query_and_filter_select_items_and_an_api_without_the_extension_is_refused(tmp_path, capsys, monkeypatch):
     from dinov2.inference.stac import Search, search_items
+
+    monkeypatch.chdir(tmp_path)  # `_cli` names an output folder relative to the working directory
 
     items = []
     for k, cloud in enumerate((5.0, 50.0, 15.0)):

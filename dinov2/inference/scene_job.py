@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from abc import ABC, abstractmethod
 import os
 import shutil
 import threading
 import time
+from abc import ABC, abstractmethod
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
